@@ -1,0 +1,74 @@
+"""Image classification on pbt: the example of how to write a trainer.
+
+    accelerate launch recipes/classification.py                   # digits, no download
+    accelerate launch recipes/classification.py -c my.yaml --lr 0.05
+
+With no ``train_data`` / ``test_data`` it trains on scikit-learn's bundled digits, written
+once as PNG files into an ImageFolder tree and loaded like any user's data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pbt.config import Config, parse_config
+from pbt.engine import EngineTrainer, launch
+
+
+class ClassificationTrainer(EngineTrainer):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.build(cfg)
+
+    def data_sources(self, cfg: Config) -> tuple:
+        """The user's train/test data, or the embedded digits dataset."""
+        if cfg.train_data and cfg.test_data:
+            return cfg.train_data, cfg.test_data
+        from pbt.data import materialise_digits
+
+        with self.accelerator.main_process_first():
+            train_dir, test_dir = materialise_digits(Path(cfg.work_dir) / "digits", cfg.seed)
+        return cfg.train_data or str(train_dir), cfg.test_data or str(test_dir)
+
+    def build_train_loader(self, cfg: Config) -> DataLoader:
+        from pbt.data import build_dataset, build_transforms
+
+        train_data, _ = self.data_sources(cfg)
+        transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
+                                     preset=cfg.train_transform)
+        dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images)
+        self.class_names = list(dataset.classes)
+        self.num_classes = len(self.class_names)
+        self.log(f"train data: {len(dataset)} images, {self.num_classes} classes")
+        return self.build_dataloader(dataset, cfg, train=True)
+
+    def build_test_loader(self, cfg: Config) -> DataLoader:
+        from pbt.data import build_dataset, build_transforms
+
+        _, test_data = self.data_sources(cfg)
+        transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False,
+                                     preset=cfg.test_transform)
+        dataset = build_dataset(test_data, transform, class_names=self.class_names,
+                                skip_bad_images=cfg.skip_bad_images)
+        self.log(f"test data: {len(dataset)} images")
+        return self.build_dataloader(dataset, cfg, train=False)
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        from pbt.models import build_model
+
+        model = build_model(cfg.net_type, self.num_classes, pretrained=cfg.pretrained)
+        weights = cfg.finetune if isinstance(cfg.finetune, str) else cfg.model_file
+        if weights:
+            self.load_weights(model, weights)
+        return model
+
+
+def main(cfg: Config) -> dict:
+    return ClassificationTrainer(cfg).run()
+
+
+if __name__ == "__main__":
+    launch(main, parse_config())

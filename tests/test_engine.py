@@ -1,0 +1,211 @@
+"""Engine: hook order, losses, accumulation, determinism, checkpoints, TensorBoard, stops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import NoisyBlobs, tiny_cfg
+
+from pbt.callbacks import Callback, ModelCheckpoint, TrainingError
+from pbt.engine import FocalLoss, LabelSmoothing, sum_losses
+
+
+class HookRecorder(Callback):
+    def __init__(self):
+        self.calls = []
+        for hook in ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_train_summary",
+                     "on_batch_end", "on_test_begin", "on_test_summary", "on_test_end",
+                     "on_epoch_end", "on_train_end"):
+            setattr(self, hook, self._recorder(hook))
+
+    def _recorder(self, hook):
+        def record(engine, logs):
+            self.calls.append(hook)
+            assert engine.cfg is not None and engine.accelerator is not None
+            assert engine.optimizer is not None and engine.unwrapped_model is not None
+            assert isinstance(logs, dict) and "train" in logs and "test" in logs
+        return record
+
+
+def test_hook_order_is_the_spec(tmp_path, tiny_trainer):
+    recorder = HookRecorder()
+    cfg = tiny_cfg(tmp_path, num_epochs=2, batch_size=20)
+    tiny_trainer(cfg, [recorder], train_size=40, test_size=23).run()
+    train = ["on_batch_begin", "on_train_summary", "on_batch_end"] * 2
+    test = ["on_test_begin"] + ["on_test_summary"] * 2 + ["on_test_end"]
+    epoch = ["on_epoch_begin", *train, *test, "on_epoch_end"]
+    assert recorder.calls == ["on_train_begin", *epoch, *epoch, "on_train_end"]
+
+
+def test_summary_and_run_dir(tmp_path, tiny_trainer):
+    cfg = tiny_cfg(tmp_path)
+    summary = tiny_trainer(cfg).run()
+    run_dir = tmp_path / "work" / "tiny"
+    saved = json.loads((run_dir / "summary.json").read_text())
+    for key in ("best_top1", "last_top1", "best_epoch", "epochs", "global_step", "world_size",
+                "seconds", "run_dir"):
+        assert key in saved
+    assert saved["epochs"] == 3 and saved["world_size"] == 1
+    assert saved["global_step"] == 3 * math.ceil(40 / 8) == summary["global_step"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert (run_dir / "best.pth").is_file() and (run_dir / "last.pth").is_file()
+    assert (run_dir / "confusion_matrix.csv").is_file()
+    assert "best test top1" in (run_dir / "train.log").read_text()
+
+
+def test_losses_tensor_list_dict_are_summed():
+    a, b = torch.tensor(1.5), torch.tensor(2.0)
+    assert sum_losses(a) == a
+    assert sum_losses([a, b]) == 3.5
+    assert sum_losses({"x": a, "y": b}) == 3.5
+    with pytest.raises(TypeError):
+        sum_losses(3.0)
+
+
+def test_dict_losses_backprop_their_sum(tmp_path, tiny_trainer):
+    """Two halves of the same loss as a dict give the same weights as the loss itself."""
+
+    class SplitLoss(tiny_trainer):
+        def run_step(self, inputs):
+            outputs, loss = super().run_step(inputs)
+            return outputs, {"half_a": loss * 0.5, "half_b": loss * 0.5}
+
+    plain = tiny_trainer(tiny_cfg(tmp_path, run_name="plain", num_epochs=1))
+    plain.run()
+    split = SplitLoss(tiny_cfg(tmp_path, run_name="split", num_epochs=1))
+    split.run()
+    for p, q in zip(plain.unwrapped_model.parameters(), split.unwrapped_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_trainer):
+    steps = []
+
+    class StepSpy(Callback):
+        def on_batch_end(self, engine, logs):
+            steps.append((engine.global_step, engine.lr))
+
+    cfg = tiny_cfg(tmp_path, grad_accum_steps=2, num_epochs=2, num_warn_up=1)
+    trainer = tiny_trainer(cfg, [StepSpy()], train_size=40)
+    assert trainer.steps_per_epoch == 3  # 5 batches / 2, rounded up
+    trainer.run()
+    assert trainer.global_step == 6
+    assert [s for s, _ in steps] == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6]
+    # warm-up of one epoch: the lr reaches the base lr exactly at the last step of epoch 1
+    assert steps[4][1] == pytest.approx(0.05)
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path, tiny_trainer):
+    """Shuffle, dropout and random augmentation on, two workers: still bit-identical."""
+    weights = []
+    for name in ("a", "b"):
+        trainer = tiny_trainer(tiny_cfg(tmp_path, run_name=name, num_workers=2, seed=7))
+        trainer.run()
+        weights.append({k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    other = tiny_trainer(tiny_cfg(tmp_path, run_name="c", num_workers=0, seed=8))
+    other.run()
+    assert not torch.equal(other.unwrapped_model.state_dict()["0.weight"], weights[0]["0.weight"])
+
+
+def test_workers_do_not_change_the_result(tmp_path, tiny_trainer):
+    results = []
+    for workers in (0, 2):
+        trainer = tiny_trainer(tiny_cfg(tmp_path, run_name=f"w{workers}", num_workers=workers))
+        trainer.run()
+        results.append(trainer.unwrapped_model.state_dict()["4.weight"].clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_best_checkpoint_holds_best_epoch_weights(tmp_path, tiny_trainer):
+    cfg = tiny_cfg(tmp_path, num_epochs=4, lr=0.5, milestones=[10])
+    summary = tiny_trainer(cfg).run()
+    best = torch.load(tmp_path / "work" / "tiny" / "best.pth", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]
+    # evaluate the saved weights independently of the engine
+    model = tiny_trainer.__mro__[0].build_model(None, cfg)
+    model.load_state_dict(best["model"])
+    model.eval()
+    data = NoisyBlobs(23, 1)
+    with torch.no_grad():
+        correct = int((model(data.data).argmax(1) == data.targets).sum())
+    entry = summary["history"][summary["best_epoch"] - 1]
+    assert correct == entry["test"]["correct"]
+    assert 100.0 * correct / 23 == pytest.approx(summary["best_top1"])
+
+
+def test_zero_metric_is_a_value_not_missing(tmp_path):
+    class Probe:
+        epoch, global_step, is_main_process = 0, 0, False
+
+    checkpoint = ModelCheckpoint(tmp_path, monitor="test/top1", mode="max")
+    checkpoint.on_epoch_end(Probe(), {"test": {"top1": 0.0}})
+    assert checkpoint.best == 0.0 and checkpoint.best_epoch == 1
+    checkpoint_min = ModelCheckpoint(tmp_path, monitor="test/loss", mode="min")
+    checkpoint_min.on_epoch_end(Probe(), {"test": {"loss": 0.0}})
+    checkpoint_min.on_epoch_end(Probe(), {"test": {"loss": 0.5}})
+    assert checkpoint_min.best == 0.0
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_trainer):
+    class PoisonAfterFirstEpoch(Callback):
+        def on_train_summary(self, engine, logs):
+            if engine.epoch == 1 and engine.batch_idx == 2:
+                engine.loss = engine.loss * float("nan")
+
+    cfg = tiny_cfg(tmp_path)
+    trainer = tiny_trainer(cfg)
+    trainer.callbacks.insert(0, PoisonAfterFirstEpoch())
+    with pytest.raises(TrainingError, match="epoch 2, batch 3"):
+        trainer.run()
+    last = torch.load(tmp_path / "work" / "tiny" / "last.pth", weights_only=True)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping(tmp_path, tiny_trainer):
+    cfg = tiny_cfg(tmp_path, num_epochs=10, lr=1e-6, early_stop_patience=2,
+                   monitor="test/top1", early_stop_min_delta=50.0)
+    summary = tiny_trainer(cfg).run()
+    assert summary["epochs"] == 3
+
+
+def test_tensorboard_events_read_back(tmp_path, tiny_trainer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_trainer(tiny_cfg(tmp_path, num_epochs=2, log_freq=2)).run()
+    events = EventAccumulator(str(tmp_path / "work" / "tiny" / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss_step", "train/lr", "epoch/train_loss", "epoch/test_loss",
+            "epoch/test_top1", "epoch/train_top1", "epoch/lr"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss_step")] == [2, 4, 6, 8, 10]
+    assert [e.step for e in events.Scalars("epoch/test_top1")] == [1, 2]
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_focal_and_label_smoothing_by_hand():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    target = torch.tensor([0, 2])
+    probs = torch.softmax(logits, 1)
+    pt = probs[[0, 1], target]
+    expected_focal = (-(1 - pt) ** 2 * torch.log(pt)).mean()
+    torch.testing.assert_close(FocalLoss(2.0)(logits, target), expected_focal)
+    assert FocalLoss(0.0)(logits, target) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, target)))
+    s = 0.2
+    smooth = torch.full((2, 3), s / 3)
+    smooth[[0, 1], target] += 1 - s
+    expected_smooth = -(smooth * torch.log(probs)).sum(1).mean()
+    torch.testing.assert_close(LabelSmoothing(s)(logits, target), expected_smooth)
+
+
+def test_no_weight_decay_on_bn_and_bias(tmp_path, tiny_trainer):
+    trainer = tiny_trainer(tiny_cfg(tmp_path, weight_decay=0.01))
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in groups[0]["params"])
+    assert all(p.ndim == 1 for p in groups[1]["params"])
