@@ -14,8 +14,15 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pbt.config import Config, parse_config
+from pbt.config import Config, ConfigError, parse_config
 from pbt.engine import EngineTrainer, launch
+
+# train_transform presets: random-resized-crop scale and horizontal flip.
+TRAIN_TRANSFORMS = {
+    "default": {"crop_scale": (0.08, 1.0), "hflip": True},
+    "light": {"crop_scale": (0.6, 1.0), "hflip": False},
+    "none": {"crop_scale": (1.0, 1.0), "hflip": False},
+}
 
 
 class ClassificationTrainer(EngineTrainer):
@@ -37,8 +44,12 @@ class ClassificationTrainer(EngineTrainer):
         from pbt.data import build_dataset, build_transforms
 
         train_data, _ = self.data_sources(cfg)
+        preset = cfg.train_transform or "default"
+        if preset not in TRAIN_TRANSFORMS:
+            raise ConfigError(f"key 'train_transform' has value {preset!r}; expected one of "
+                              + ", ".join(TRAIN_TRANSFORMS))
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
-                                     preset=cfg.train_transform)
+                                     **TRAIN_TRANSFORMS[preset])
         dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images)
         self.class_names = list(dataset.classes)
         self.num_classes = len(self.class_names)
@@ -49,8 +60,10 @@ class ClassificationTrainer(EngineTrainer):
         from pbt.data import build_dataset, build_transforms
 
         _, test_data = self.data_sources(cfg)
-        transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False,
-                                     preset=cfg.test_transform)
+        if cfg.test_transform not in (None, "default"):
+            raise ConfigError(f"key 'test_transform' has value {cfg.test_transform!r}; "
+                              "expected 'default' (resize + center crop)")
+        transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False)
         dataset = build_dataset(test_data, transform, class_names=self.class_names,
                                 skip_bad_images=cfg.skip_bad_images)
         self.log(f"test data: {len(dataset)} images")

@@ -1,0 +1,561 @@
+"""Data for the classification recipe: image datasets, list files, resampling, bad images.
+
+Sources are ImageFolder trees (one sub-folder per class) and/or PBT list files (``.txt``,
+one image path per line, optionally followed by a label). Images decode straight to uint8
+CHW RGB tensors (TorchCodec, else torchvision.io, for JPEG/PNG; PIL for everything else)
+and are augmented with ``torchvision.transforms.v2`` on tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                  ".pgm", ".pbm")
+RESAMPLE_MODES = ("none", "mean", "sqrt", "log")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_MAX_LISTED = 20  # errors named one by one in a message; the rest are counted
+
+
+def _config_error(message: str) -> Exception:
+    from pbt.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _join_errors(header: str, errors: list[str]) -> str:
+    lines = errors[:_MAX_LISTED]
+    if len(errors) > _MAX_LISTED:
+        lines.append(f"... and {len(errors) - _MAX_LISTED} more")
+    return header + "\n  " + "\n  ".join(lines)
+
+
+# -- decoding ------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _fast_decoder() -> Callable[[bytes], torch.Tensor] | None:
+    """TorchCodec's decoder, else torchvision.io's (deprecated since 0.29), else None.
+
+    Both honour EXIF orientation for JPEG and PNG and convert any mode to RGB uint8.
+    """
+    try:
+        from torchcodec.decoders import decode_image
+    except Exception:  # not installed, or its native library fails to load
+        pass
+    else:
+        return lambda data: decode_image(data, mode="RGB")
+    try:
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode_image
+    except Exception:
+        return None
+
+    def decode(data: bytes) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                    mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        if image.dtype == torch.uint16:  # 16-bit PNG
+            image = (image.to(torch.int32) // 257).to(torch.uint8)
+        return image
+
+    return decode
+
+
+def _pil_to_rgb(image: Any) -> Any:
+    """Any PIL mode to RGB; 16/32-bit grey is scaled (PIL's own convert would clip it)."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        array = np.asarray(image).astype(np.int64)
+        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
+            array = array // 257
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = _pil_to_rgb(ImageOps.exif_transpose(image))
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def decode_image_bytes(data: bytes) -> torch.Tensor:
+    """Decode encoded image bytes to a uint8 CHW RGB tensor, EXIF orientation applied.
+
+    JPEG and PNG take the fast native decoder; other formats, and anything it rejects,
+    go through PIL (which then raises if the data really is bad).
+    """
+    if data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC):
+        decoder = _fast_decoder()
+        if decoder is not None:
+            try:
+                image = decoder(data)
+            except Exception:
+                image = None
+            if image is not None and image.ndim == 3 and image.shape[0] == 3:
+                return image
+    return _decode_pil(data)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read and decode one image file; a bad file is a ConfigError naming it and why."""
+    try:
+        return decode_image_bytes(Path(path).read_bytes())
+    except Exception as err:
+        raise _config_error(f"cannot load image {str(path)!r}: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """A one-line why for an error message (the path is named by the caller)."""
+    from PIL import UnidentifiedImageError
+
+    text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, UnidentifiedImageError):  # its text names a BytesIO, not the file
+        return "not an image in a known format"
+    if "truncated" in text.lower():
+        return f"truncated file ({text})"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def check_image(path: str | Path) -> str | None:
+    """Return why ``path`` is not a usable image, or None when it decodes.
+
+    Reads the header, then decodes every byte of the compressed stream (truncation shows
+    up only there); JPEGs decode at 1/8 scale, which reads the same stream much faster.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if not data:
+            return "empty file"
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        return None
+    except Exception as err:
+        return _reason(err)
+
+
+def scan_images(paths: Sequence[str | Path], num_threads: int | None = None) -> dict[str, str]:
+    """Check many images in a thread pool (PIL decodes without the GIL); return bad ones.
+
+    The result maps each unusable path to the reason it failed.
+    """
+    if not paths:
+        return {}
+    threads = num_threads or min(16, max(1, (os.cpu_count() or 1) * 2))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(check_image, paths, chunksize=64))
+    return {str(path): reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+# -- sources -------------------------------------------------------------------------------
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _folder_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Classes and (path, class name) samples of an ImageFolder tree."""
+    class_dirs = sorted((entry for entry in os.scandir(root)
+                         if entry.is_dir() and not _is_hidden(entry.name)),
+                        key=lambda entry: entry.name)
+    if not class_dirs:
+        raise _config_error(
+            f"data source {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
+    classes, samples = [], []
+    for entry in class_dirs:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
+            dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
+            found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
+                         if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS))
+        if not found:
+            raise _config_error(
+                f"class folder {entry.path!r} holds no images "
+                f"(extensions: {', '.join(IMG_EXTENSIONS)})")
+        classes.append(entry.name)
+        samples.extend((path, entry.name) for path in found)
+    return classes, samples
+
+
+def _read_class_names(path: Path) -> list[str]:
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        name = raw.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in seen:
+            raise _config_error(
+                f"{path}:{number}: class {name!r} is listed twice (first on line {seen[name]})")
+        seen[name] = number
+        names.append(name)
+    if not names:
+        raise _config_error(f"{path}: class name file lists no classes")
+    return names
+
+
+def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Classes and (path, class name) samples of a PBT list file.
+
+    A line is ``path`` (class = parent folder name) or ``path label`` (label = index into
+    the class order, or a class name). Class order: ``class_name.txt`` next to the list
+    file, else sorted names.
+    """
+    base = list_file.parent
+    names_file = base / "class_name.txt"
+    declared = _read_class_names(names_file) if names_file.is_file() else None
+    entries: list[tuple[int, str, str | int]] = []  # line, path, class name or index
+    errors: list[str] = []
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise _config_error(f"cannot read list file {str(list_file)!r}: {_reason(err)}") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_file}:{number}"
+        label: str | int | None = None
+        # a whole line that is an existing file is a path with spaces, not "path label"
+        if not (base / line).is_file() and len(parts := line.rsplit(None, 1)) == 2:
+            line, token = parts
+            label = int(token) if token.lstrip("-").isdigit() else token
+        path = base / line
+        if not path.is_file():
+            errors.append(f"{where}: image {str(path)!r} does not exist")
+            continue
+        if label is None:
+            label = path.parent.name
+        entries.append((number, str(path), label))
+    if errors:
+        raise _config_error(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
+    if not entries:
+        raise _config_error(f"list file {str(list_file)!r} lists no images")
+
+    if declared is not None:
+        classes = declared
+    else:
+        classes = sorted({label for _, _, label in entries if isinstance(label, str)})
+        if not classes:  # only integer labels and no class_name.txt: the labels name classes
+            classes = [str(i) for i in range(max(int(label) for _, _, label in entries) + 1)]
+    known = set(classes)
+    samples = []
+    for number, path, label in entries:
+        where = f"{list_file}:{number}"
+        if isinstance(label, int):
+            if not 0 <= label < len(classes):
+                errors.append(f"{where}: label {label} is out of range 0..{len(classes) - 1}"
+                              f" ({len(classes)} classes)")
+                continue
+            label = classes[label]
+        elif label not in known:
+            origin = f"in {names_file}" if declared is not None else "among the classes"
+            errors.append(f"{where}: class {label!r} is not {origin}")
+            continue
+        samples.append((path, label))
+    if errors:
+        raise _config_error(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
+    return classes, samples
+
+
+# -- dataset -------------------------------------------------------------------------------
+class ImageDataset(Dataset):
+    """Images with integer labels; ``classes[label]`` is the class name.
+
+    Items are ``(transform(uint8 CHW RGB tensor), label)``.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str],
+                 transform: Callable[[torch.Tensor], Any] | None = None) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.class_to_idx = {name: index for index, name in enumerate(classes)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        image = load_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({len(self)} images, {len(self.classes)} classes)"
+
+
+def build_dataset(sources: str | Path | Sequence[str | Path],
+                  transform: Callable[[torch.Tensor], Any] | None = None,
+                  class_names: list[str] | None = None, skip_bad_images: bool = False,
+                  check_images: bool = True, key: str = "data") -> ImageDataset:
+    """An ImageDataset from ImageFolder dirs and/or PBT list files, concatenated.
+
+    Classes are matched by name across sources; their order is ``class_names`` when given
+    (the training set's, for a test set: an unknown class is an error), else the order in
+    which sources introduce them. ``check_images`` decodes every image first and stops on
+    bad ones, naming each; ``skip_bad_images`` drops them with one warning instead (it
+    implies the scan). ``key`` (e.g. ``"train_data"``) is the config key named in errors.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if not isinstance(sources, Sequence) or not sources:
+        raise _config_error(f"{key}: no data source given (got {sources!r})")
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise _config_error(f"{key}: class_names has duplicates: {class_names!r}")
+
+    classes: list[str] = list(class_names) if class_names is not None else []
+    index = {name: i for i, name in enumerate(classes)}
+    samples: list[tuple[str, int]] = []
+    for source in sources:
+        if not isinstance(source, (str, Path)) or not str(source):
+            raise _config_error(f"{key}: data source {source!r} is not a path")
+        path = Path(source).expanduser()
+        if path.is_dir():
+            source_classes, source_samples = _folder_source(path)
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            source_classes, source_samples = _list_source(path)
+        elif path.exists():
+            raise _config_error(
+                f"{key}: data source {str(path)!r} is neither a folder nor a .txt list file")
+        else:
+            raise _config_error(f"{key}: data source {str(path)!r} does not exist")
+        used = {name for _, name in source_samples}
+        for name in source_classes:
+            if name not in index:
+                if class_names is not None:
+                    if name not in used:
+                        continue  # declared by class_name.txt but has no images here
+                    raise _config_error(
+                        f"{key}: class {name!r} from data source {str(path)!r} is not one "
+                        f"of the training classes ({', '.join(class_names)})")
+                index[name] = len(classes)
+                classes.append(name)
+        samples.extend((file, index[name]) for file, name in source_samples)
+
+    if check_images or skip_bad_images:
+        bad = scan_images([file for file, _ in samples])
+        if bad and not skip_bad_images:
+            raise _config_error(_join_errors(
+                f"{key}: {len(bad)} bad image(s) (set skip_bad_images to drop them):",
+                [f"{file}: {reason}" for file, reason in bad.items()]))
+        if bad:
+            warnings.warn(f"{key}: skipped {len(bad)} bad image(s) out of {len(samples)}, "
+                          f"e.g. {next(iter(bad))}", stacklevel=2)
+            samples = [(file, label) for file, label in samples if file not in bad]
+            if not samples:
+                raise _config_error(f"{key}: every image in {list(map(str, sources))} is bad")
+    return ImageDataset(samples, classes, transform)
+
+
+# -- transforms ----------------------------------------------------------------------------
+def build_transforms(input_size: Sequence[int], rgb_mean: Sequence[float],
+                     rgb_std: Sequence[float], train: bool,
+                     crop_scale: tuple[float, float] = (0.08, 1.0),
+                     hflip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transforms.v2 pipeline on uint8 CHW tensors to a normalised float tensor.
+
+    ``input_size`` is [W, H] (PBT's order). Train: RandomResizedCrop (``crop_scale``) and a
+    horizontal flip; test: resize to 1/0.875 of the size, then centre crop. Mean and std
+    are on the 0..1 scale. Geometry runs on uint8 (cheaper) before the float conversion.
+    """
+    from torchvision.transforms import v2
+
+    if (len(input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in input_size)):
+        raise _config_error(f"input_size: {list(input_size)!r} is not [W, H] positive integers")
+    for name, values in (("rgb_mean", rgb_mean), ("rgb_std", rgb_std)):
+        if len(values) != 3 or not all(0 <= float(v) <= 1 for v in values):
+            raise _config_error(
+                f"{name}: {list(values)!r} must be 3 numbers on the 0..1 scale (e.g. 0.5)")
+    if min(float(v) for v in rgb_std) <= 0:
+        raise _config_error(f"rgb_std: {list(rgb_std)!r} must be > 0")
+    width, height = input_size
+    tail = [v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([float(v) for v in rgb_mean], [float(v) for v in rgb_std])]
+    if train:
+        head = [v2.RandomResizedCrop((height, width), scale=crop_scale, antialias=True)]
+        if hflip:
+            head.append(v2.RandomHorizontalFlip())
+    else:
+        head = [v2.Resize((round(height / 0.875), round(width / 0.875)), antialias=True),
+                v2.CenterCrop((height, width))]
+    return v2.Compose(head + tail)
+
+
+# -- resampling ----------------------------------------------------------------------------
+def _class_quotas(counts: dict[int, int], mode: str, total: int) -> dict[int, int]:
+    """Per-class draw counts ∝ 1, sqrt(n) or log(1 + n), summing exactly to ``total``.
+
+    log(1 + n) rather than log n, so a class of one image is still drawn.
+    """
+    weight = {"mean": lambda n: 1.0, "sqrt": math.sqrt, "log": math.log1p}[mode]
+    weights = {label: weight(n) for label, n in counts.items()}
+    norm = sum(weights.values())
+    exact = {label: total * w / norm for label, w in weights.items()}
+    quotas = {label: math.floor(value) for label, value in exact.items()}
+    # largest remainders get the leftover draws; ties broken by label for determinism
+    leftover = total - sum(quotas.values())
+    for label in sorted(exact, key=lambda k: (quotas[k] - exact[k], k))[:leftover]:
+        quotas[label] += 1
+    return quotas
+
+
+class ResampleSampler(Sampler[int]):
+    """PBT's class resampling (``none | mean | sqrt | log``), redrawn every epoch.
+
+    Each epoch draws about ``len(targets)`` indices with per-class counts ∝ 1, √n or
+    log(1+n) of the class size n (``none``: a plain shuffle). A class is drawn whole as
+    often as its quota allows, the rest without replacement, so no image is skipped when
+    a class is oversampled. The draw depends only on ``seed`` and ``set_epoch``; rank r of
+    ``num_replicas`` takes every num_replicas-th index, an equal-length disjoint share
+    (the ``none`` draw is padded by wrapping, as DistributedSampler does). Under
+    Accelerate keep ``num_replicas=1``: ``accelerator.prepare`` shards the batches.
+    """
+
+    def __init__(self, targets: Sequence[int], mode: str = "none", seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if mode not in RESAMPLE_MODES:
+            raise _config_error(
+                f"resample: unknown mode {mode!r}; valid ones are {', '.join(RESAMPLE_MODES)}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if self.targets.ndim != 1 or len(self.targets) == 0:
+            raise _config_error("resample: the dataset has no labelled samples")
+        self.mode, self.seed, self.epoch = mode, int(seed), 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = math.ceil(len(self.targets) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        labels, counts = np.unique(self.targets, return_counts=True)
+        self.class_indices = {int(label): np.flatnonzero(self.targets == label)
+                              for label in labels}
+        self.quotas = (None if mode == "none" else
+                       _class_quotas(dict(zip(labels.tolist(), counts.tolist())), mode,
+                                     self.total_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose draw the next iteration yields."""
+        self.epoch = epoch
+
+    def epoch_draw(self, epoch: int | None = None) -> list[int]:
+        """The whole epoch's draw, before it is split between replicas."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed % 2**63, epoch % 2**63])
+        if self.quotas is None:
+            order = rng.permutation(len(self.targets))
+            return np.resize(order, self.total_size).tolist()  # wraps to pad
+        parts = []
+        for label, quota in self.quotas.items():
+            members = self.class_indices[label]
+            whole, rest = divmod(quota, len(members))
+            parts.extend([members] * whole)
+            parts.append(rng.choice(members, size=rest, replace=False))
+        return rng.permutation(np.concatenate(parts)).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_draw()[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def default_num_workers() -> int:
+    """DataLoader workers for this machine: the CPUs this process may use, minus one for
+    the training loop, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+# -- the embedded dataset ------------------------------------------------------------------
+def _digits_plan(seed: int, test_fraction: float) -> tuple[Any, dict[str, list[tuple[int, str]]]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, test = train_test_split(indices, test_size=test_fraction, random_state=seed,
+                                   stratify=digits.target)
+    plan = {split: [(int(i), f"{digits.target[i]}/{i:04d}.png") for i in sorted(chosen)]
+            for split, chosen in (("train", train), ("test", test))}
+    return digits, plan
+
+
+def _tree_files(root: Path) -> set[str]:
+    return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
+
+
+def materialise_digits(root: str | Path, seed: int = 0,
+                       test_fraction: float = 0.2) -> tuple[Path, Path]:
+    """Write scikit-learn's digits (1,797 8x8 images, classes "0".."9") as PNG trees.
+
+    Returns ``(root/train, root/test)``, a stratified split drawn from ``seed``. Each tree
+    is written in a temporary folder and renamed into place, so concurrent callers (one per
+    process) and interrupted runs never leave a half-written tree; complete trees are kept.
+    """
+    if not 0 < test_fraction < 1:
+        raise _config_error(f"test_fraction: {test_fraction!r} must be between 0 and 1")
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    digits, plan = _digits_plan(seed, test_fraction)
+    expected = {split: {name for _, name in files} for split, files in plan.items()}
+
+    def complete(split: str) -> bool:
+        tree = root / split
+        if not tree.exists():
+            return False
+        if _tree_files(tree) != expected[split]:
+            raise _config_error(
+                f"digits: {str(tree)!r} exists but is not the digits {split} split for "
+                f"seed={seed}, test_fraction={test_fraction}; remove it or choose another root")
+        return True
+
+    missing = [split for split in plan if not complete(split)]
+    if not missing:
+        return root / "train", root / "test"
+    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
+    try:
+        for split in missing:
+            for index, name in plan[split]:
+                target = staging / split / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.round(digits.images[index] * (255 / 16)).astype(np.uint8)
+                Image.fromarray(pixels).save(target)  # 2-D uint8: mode L
+            try:
+                os.rename(staging / split, root / split)
+            except OSError:
+                # another process renamed its copy first; it must be the same split
+                if not complete(split):
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root / "train", root / "test"

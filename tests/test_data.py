@@ -1,0 +1,420 @@
+"""pbt.data on small image trees generated in tmp_path: formats, errors, decoding, sampling."""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pbt.config import ConfigError
+from pbt.data import (
+    ImageDataset,
+    ResampleSampler,
+    build_dataset,
+    build_transforms,
+    decode_image_bytes,
+    default_num_workers,
+    load_image,
+    materialise_digits,
+)
+
+
+def _pattern(width: int = 12, height: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def _save(path: Path, mode: str = "RGB", fmt: str | None = None, seed: int = 0,
+          size: tuple[int, int] = (12, 8), **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(_pattern(*size, seed=seed))
+    if mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode == "I;16":
+        grey = np.asarray(image.convert("L")).astype(np.uint16) * 257
+        image = Image.fromarray(grey)
+        assert image.mode == "I;16"
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, fmt, **kwargs)
+    return path
+
+
+def _tree(root: Path, counts: dict[str, int], ext: str = ".png") -> Path:
+    for name, count in counts.items():
+        for i in range(count):
+            _save(root / name / f"{i}{ext}", seed=i)
+    return root
+
+
+# -- formats -------------------------------------------------------------------------------
+def test_image_folder_ignores_hidden_and_non_images(tmp_path):
+    root = _tree(tmp_path / "data", {"cat": 2, "ant": 3})
+    (root / "cat" / "notes.txt").write_text("not an image")
+    _save(root / "cat" / ".hidden.png")
+    _save(root / ".cache" / "x.png")  # hidden class folder
+    _save(root / "ant" / ".thumbs" / "y.png")  # hidden sub-folder inside a class
+    _save(root / "ant" / "sub" / "z.jpg")  # nested images belong to the class
+    ds = build_dataset(root)
+    assert ds.classes == ["ant", "cat"]
+    assert Counter(ds.targets) == {0: 4, 1: 2}
+    assert all(".hidden" not in p and ".cache" not in p and ".thumbs" not in p
+               for p, _ in ds.samples)
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 12)
+    assert label == ds.samples[0][1]
+
+
+def test_list_file_follows_class_name_txt_order(tmp_path):
+    _tree(tmp_path / "train", {"zebra": 2, "apple": 1, "mango": 2})
+    (tmp_path / "class_name.txt").write_text("zebra\napple\nmango\n")
+    (tmp_path / "train.txt").write_text(
+        "# a comment\n\ntrain/apple/0.png\ntrain/zebra/0.png\n  train/zebra/1.png  \n"
+        "train/mango/0.png\ntrain/mango/1.png\n")
+    ds = build_dataset(tmp_path / "train.txt")
+    assert ds.classes == ["zebra", "apple", "mango"]  # not alphabetical
+    assert ds.targets == [1, 0, 0, 2, 2]
+    assert ds.samples[0][0] == str(tmp_path / "train/apple/0.png")
+
+
+def test_list_file_without_class_names_is_sorted(tmp_path):
+    _tree(tmp_path / "d", {"b": 1, "a": 1})
+    (tmp_path / "l.txt").write_text("d/b/0.png\nd/a/0.png\n")
+    ds = build_dataset(tmp_path / "l.txt")
+    assert ds.classes == ["a", "b"] and ds.targets == [1, 0]
+
+
+def test_list_file_path_label_lines(tmp_path):
+    _tree(tmp_path / "img", {"x": 3})
+    (tmp_path / "class_name.txt").write_text("dog\ncat\nbird\n")
+    (tmp_path / "l.txt").write_text("img/x/0.png 2\nimg/x/1.png cat\nimg/x/2.png\t0\n")
+    ds = build_dataset(tmp_path / "l.txt")
+    assert ds.classes == ["dog", "cat", "bird"]
+    assert ds.targets == [2, 1, 0]
+
+
+def test_list_file_integer_labels_only(tmp_path):
+    _tree(tmp_path / "flat", {"all": 3})
+    (tmp_path / "l.txt").write_text("flat/all/0.png 2\nflat/all/1.png 0\nflat/all/2.png 0\n")
+    ds = build_dataset(tmp_path / "l.txt")
+    assert ds.classes == ["0", "1", "2"] and ds.targets == [2, 0, 0]
+
+
+def test_mixed_sources_match_classes_by_name(tmp_path):
+    _tree(tmp_path / "f", {"b": 1, "c": 1})
+    _tree(tmp_path / "g", {"a": 1, "c": 1})
+    (tmp_path / "g" / "list.txt").write_text("a/0.png\nc/0.png\n")
+    ds = build_dataset([tmp_path / "f", str(tmp_path / "g" / "list.txt")])
+    assert ds.classes == ["b", "c", "a"]
+    assert [ds.classes[t] for t in ds.targets] == ["b", "c", "a", "c"]
+
+
+def test_test_set_follows_training_classes(tmp_path):
+    train = build_dataset(_tree(tmp_path / "train", {"a": 1, "b": 1, "c": 1}))
+    test = build_dataset(_tree(tmp_path / "test", {"c": 1, "a": 1}), class_names=train.classes)
+    assert test.classes == ["a", "b", "c"]
+    assert [test.classes[t] for t in test.targets] == ["a", "c"]
+
+    _tree(tmp_path / "test", {"zzz": 1})
+    with pytest.raises(ConfigError) as err:
+        build_dataset(tmp_path / "test", class_names=train.classes)
+    assert "'zzz'" in str(err.value) and str(tmp_path / "test") in str(err.value)
+
+
+# -- bad input -----------------------------------------------------------------------------
+def test_missing_and_wrong_sources(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_dataset(tmp_path / "nope", key="train_data")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(ConfigError, match=r"data\.csv.*neither a folder nor"):
+        build_dataset(tmp_path / "data.csv")
+    with pytest.raises(ConfigError, match="no data source"):
+        build_dataset([])
+
+
+def test_empty_dataset_and_empty_class_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as err:
+        build_dataset(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(err.value)
+
+    root = _tree(tmp_path / "data", {"a": 1})
+    (root / "b").mkdir()
+    (root / "b" / "readme.md").write_text("no images here")
+    with pytest.raises(ConfigError) as err:
+        build_dataset(root)
+    assert str(root / "b") in str(err.value)
+
+    (tmp_path / "only_comments.txt").write_text("# nothing\n\n")
+    with pytest.raises(ConfigError, match="lists no images"):
+        build_dataset(tmp_path / "only_comments.txt")
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("img/a/9.png", "does not exist"),
+    ("img/a/0.png 5", "out of range"),
+    ("img/a/0.png -1", "out of range"),
+    ("img/a/0.png wolf", "'wolf'"),
+])
+def test_list_file_errors_name_file_and_line(tmp_path, line, needle):
+    _tree(tmp_path / "img", {"a": 1, "b": 1})
+    (tmp_path / "class_name.txt").write_text("a\nb\n")
+    (tmp_path / "l.txt").write_text(f"# header\nimg/a/0.png\n\n{line}\n")
+    with pytest.raises(ConfigError) as err:
+        build_dataset(tmp_path / "l.txt")
+    assert f"{tmp_path / 'l.txt'}:4" in str(err.value) and needle in str(err.value)
+
+
+def test_unlisted_folder_class_in_list_file(tmp_path):
+    _tree(tmp_path / "img", {"a": 1, "other": 1})
+    (tmp_path / "class_name.txt").write_text("a\n")
+    (tmp_path / "l.txt").write_text("img/a/0.png\nimg/other/0.png\n")
+    with pytest.raises(ConfigError, match=r"l\.txt:2: class 'other'"):
+        build_dataset(tmp_path / "l.txt")
+
+
+def _bad_tree(root: Path) -> dict[str, Path]:
+    _tree(root, {"a": 2, "b": 2}, ext=".jpg")
+    good = (root / "a" / "0.jpg").read_bytes()
+    bad = {"truncated": root / "a" / "trunc.jpg", "text": root / "b" / "text.jpg",
+           "empty": root / "b" / "empty.jpg"}
+    bad["truncated"].write_bytes(good[: len(good) // 2])
+    bad["text"].write_text("this is not a jpeg\n")
+    bad["empty"].write_bytes(b"")
+    return bad
+
+
+def test_bad_images_are_all_named(tmp_path):
+    bad = _bad_tree(tmp_path / "data")
+    with pytest.raises(ConfigError) as err:
+        build_dataset(tmp_path / "data")
+    message = str(err.value)
+    assert "3 bad image" in message
+    for path in bad.values():
+        assert str(path) in message
+    assert "empty file" in message and "truncated" in message and "not an image" in message
+
+
+def test_bad_images_skipped_with_one_warning(tmp_path):
+    _bad_tree(tmp_path / "data")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = build_dataset(tmp_path / "data", skip_bad_images=True)
+    messages = [str(w.message) for w in caught if "bad image" in str(w.message)]
+    assert len(messages) == 1 and "skipped 3 " in messages[0]
+    assert len(ds) == 4 and all(ds[i][0].shape == (3, 8, 12) for i in range(len(ds)))
+
+
+def test_unchecked_bad_image_fails_when_loaded(tmp_path):
+    bad = _bad_tree(tmp_path / "data")
+    ds = build_dataset(tmp_path / "data", check_images=False)
+    index = [p for p, _ in ds.samples].index(str(bad["text"]))
+    with pytest.raises(ConfigError, match="text.jpg"):
+        ds[index]
+
+
+# -- decoding ------------------------------------------------------------------------------
+def _pil_reference(path: Path) -> torch.Tensor:
+    from PIL import ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "I;16":
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) // 257).astype(np.uint8))
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("mode, ext", [
+    ("L", ".png"), ("L", ".jpg"), ("LA", ".png"), ("P", ".png"), ("RGBA", ".png"),
+    ("CMYK", ".jpg"), ("I;16", ".png"), ("1", ".png"), ("RGB", ".bmp"), ("P", ".gif"),
+    ("RGB", ".webp"), ("RGB", ".tiff"),
+])
+def test_modes_become_rgb(tmp_path, mode, ext):
+    path = _save(tmp_path / f"img{ext}", mode=mode)
+    image = load_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 12)
+    reference = _pil_reference(path)
+    # lossless formats match PIL exactly; JPEG decoders may round a little differently
+    tolerance = 2 if ext == ".jpg" else 0
+    assert (image.int() - reference.int()).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_honoured(tmp_path, fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = _save(tmp_path / f"rot.{fmt.lower()}", fmt=fmt, size=(12, 8), exif=exif)
+    image = load_image(path)
+    assert image.shape == (3, 12, 8)  # width and height swapped
+    tolerance = 2 if fmt == "JPEG" else 0
+    assert (image.int() - _pil_reference(path).int()).abs().max() <= tolerance
+
+
+def test_fast_path_and_pil_fallback_agree(tmp_path):
+    """A file the fast decoder skips (here: bytes that lost their magic) still decodes."""
+    data = _save(tmp_path / "a.png").read_bytes()
+    fast = decode_image_bytes(data)
+    from pbt.data import _decode_pil
+
+    assert torch.equal(fast, _decode_pil(data))
+
+
+# -- transforms and loader -----------------------------------------------------------------
+def test_transforms_shapes_and_normalisation():
+    image = torch.full((3, 20, 30), 255, dtype=torch.uint8)
+    for train in (True, False):
+        out = build_transforms([48, 32], [0.5, 0.25, 0.0], [0.5, 0.25, 1.0], train)(image)
+        assert out.shape == (3, 32, 48) and out.dtype == torch.float32
+        expected = torch.tensor([1.0, 3.0, 1.0]).view(3, 1, 1)
+        assert torch.allclose(out, expected.expand_as(out), atol=1e-5)
+    with pytest.raises(ConfigError, match="input_size"):
+        build_transforms([32], [0.5] * 3, [0.5] * 3, True)
+    with pytest.raises(ConfigError, match="rgb_mean"):
+        build_transforms([32, 32], [127.5] * 3, [0.5] * 3, True)
+    with pytest.raises(ConfigError, match="rgb_std"):
+        build_transforms([32, 32], [0.5] * 3, [0.0] * 3, True)
+
+
+def test_dataloader_batches(tmp_path):
+    ds = build_dataset(_tree(tmp_path / "d", {"a": 3, "b": 3}),
+                       transform=build_transforms([16, 16], [0.5] * 3, [0.5] * 3, True))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, sampler=ResampleSampler(ds.targets, "mean", seed=0))
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
+
+
+def test_default_num_workers():
+    workers = default_num_workers()
+    assert isinstance(workers, int) and 0 <= workers <= 8
+
+
+# -- resampling ----------------------------------------------------------------------------
+TARGETS = [0] * 400 + [1] * 100 + [2] * 25 + [3] * 4 + [4] * 1
+
+
+@pytest.mark.parametrize("mode, weight", [
+    ("mean", lambda n: 1.0), ("sqrt", math.sqrt), ("log", lambda n: math.log(1 + n)),
+])
+def test_resample_histogram_matches_mode(mode, weight):
+    sampler = ResampleSampler(TARGETS, mode, seed=3)
+    sampler.set_epoch(1)
+    draw = list(sampler)
+    assert len(draw) == len(TARGETS) == len(sampler)
+    sizes = Counter(TARGETS)
+    norm = sum(weight(n) for n in sizes.values())
+    drawn = Counter(TARGETS[i] for i in draw)
+    for label, n in sizes.items():
+        assert abs(drawn[label] - len(TARGETS) * weight(n) / norm) <= 1, (label, drawn)
+    # an oversampled class is drawn whole before anything repeats
+    assert set(draw) >= {i for i, t in enumerate(TARGETS) if t in (2, 3, 4)}
+
+
+def test_resample_draws_depend_on_seed_and_epoch_only():
+    def draw(seed: int, epoch: int) -> list[int]:
+        sampler = ResampleSampler(TARGETS, "sqrt", seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert draw(0, 2) == draw(0, 2)
+    assert draw(0, 2) != draw(0, 3)
+    assert draw(0, 2) != draw(1, 2)
+
+
+def test_none_mode_is_a_shuffle():
+    sampler = ResampleSampler(TARGETS, "none", seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(first) == list(range(len(TARGETS))) and list(sampler) != first
+
+
+@pytest.mark.parametrize("mode", ["none", "log"])
+def test_replicas_split_one_draw(mode):
+    targets = TARGETS[:-1]  # 529 samples: not divisible by 2
+    ranks = [ResampleSampler(targets, mode, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    shares = [list(sampler) for sampler in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 265
+    whole = ranks[0].epoch_draw()
+    assert whole == ranks[1].epoch_draw() and len(whole) == 530
+    # disjoint positions of the same draw, together exactly the draw
+    assert shares[0] == whole[0::2] and shares[1] == whole[1::2]
+    assert sorted(shares[0] + shares[1]) == sorted(whole)
+    if mode == "none":  # every sample once, one padding duplicate
+        assert set(whole) == set(range(len(targets)))
+
+
+def test_resample_rejects_unknown_mode():
+    with pytest.raises(ConfigError, match="resample.*'balanced'"):
+        ResampleSampler(TARGETS, "balanced", seed=0)
+
+
+# -- digits --------------------------------------------------------------------------------
+def _files(tree: Path) -> list[str]:
+    return sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.png"))
+
+
+def test_materialise_digits(tmp_path):
+    train, test = materialise_digits(tmp_path / "a", seed=0)
+    assert train == tmp_path / "a" / "train" and test == tmp_path / "a" / "test"
+    train_files, test_files = _files(train), _files(test)
+    assert len(train_files) + len(test_files) == 1797
+    assert abs(len(test_files) - 0.2 * 1797) <= 1
+    assert sorted(p.name for p in train.iterdir()) == [str(d) for d in range(10)]
+    per_class = Counter(f.split("/")[0] for f in test_files)
+    assert min(per_class.values()) >= 34 and max(per_class.values()) <= 38  # stratified
+
+    with Image.open(train / train_files[0]) as image:
+        assert image.size == (8, 8)
+    pixels = np.concatenate([np.asarray(Image.open(train / f)).ravel() for f in train_files[:50]])
+    assert pixels.max() == 255 and pixels.min() == 0
+
+    stamp = (train / train_files[0]).stat().st_mtime_ns
+    assert materialise_digits(tmp_path / "a", seed=0) == (train, test)  # idempotent
+    assert (train / train_files[0]).stat().st_mtime_ns == stamp
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+    train_b, test_b = materialise_digits(tmp_path / "b", seed=0)
+    assert _files(train_b) == train_files and _files(test_b) == test_files
+    ds = build_dataset(train)
+    assert len(ds) == len(train_files) and ds.classes == [str(d) for d in range(10)]
+
+
+def test_materialise_digits_recovers_and_refuses_foreign_trees(tmp_path):
+    import shutil
+
+    train, test = materialise_digits(tmp_path / "d", seed=1)
+    test_files = _files(test)
+    shutil.rmtree(test)  # as if a run died between the two renames
+    assert materialise_digits(tmp_path / "d", seed=1) == (train, test)
+    assert _files(test) == test_files
+
+    with pytest.raises(ConfigError, match="not the digits train split"):
+        materialise_digits(tmp_path / "d", seed=2)  # another seed, another split
+
+
+def test_materialise_digits_concurrently(tmp_path):
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            materialise_digits(tmp_path / "c", seed=0)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(_files(tmp_path / "c" / "train")) + len(_files(tmp_path / "c" / "test")) == 1797
+    assert isinstance(build_dataset(tmp_path / "c" / "test"), ImageDataset)
