@@ -62,7 +62,11 @@ class Callback:
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where it stopped."""
+    """Training cannot go on (e.g. a non-finite loss); the message says where it stopped.
+
+    ``exit_code`` is what the process exits with (``launch`` uses it)."""
+
+    exit_code = 1
 
 
 def read_metric(logs: dict, key: str) -> float | None:
@@ -265,7 +269,8 @@ class LogHistory(Callback):
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.log_dir))
+        # purge_step: on resume, TensorBoard drops what the crashed run logged after the state
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=engine.global_step or None)
         if engine.global_step == 0:
             import yaml
 

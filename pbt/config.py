@@ -60,6 +60,8 @@ SCHEMA: dict[str, tuple[str, Any]] = {
     "seed": ("int", 0),
     "gpu_id": ("int_list", [0]),
     "distributed": ("bool", False),
+    "num_processes": ("int", 0),
+    "main_process_port": ("int", 29500),
     "log_freq": ("int", 20),
     "progress": ("bool", True),
     "eval_only": ("bool", False),

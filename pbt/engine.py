@@ -7,6 +7,7 @@ only orders the work and calls the callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pbt.callbacks import Callback, TrainingError
-from pbt.config import Config, ConfigError, load_config, make_run_dir, save_config
+from pbt.config import Config, ConfigError, load_config, save_config
 
 logger = logging.getLogger("pbt")
 
@@ -62,6 +63,7 @@ class Engine:
         self.global_step = 0
         self.batch_idx = 0
         self.skip_batches = 0
+        self.batches_done = 0
         self.num_epochs = int(cfg.num_epochs)
         self.stop_training = False
         self.phase = "train"
@@ -133,6 +135,7 @@ class Engine:
         if self.skip_batches:  # resuming inside an epoch
             first, self.skip_batches = self.skip_batches, 0
             loader = self.accelerator.skip_first_batches(loader, first)
+        self.batch_idx = self.batches_done = first
         self.fire("on_epoch_begin")
         for batch_idx, batch in enumerate(loader, start=first):
             self.batch_idx = batch_idx
@@ -141,6 +144,9 @@ class Engine:
             self.train_step(batch)
             self.fire("on_train_summary")
             self.fire("on_batch_end")
+            self.batches_done = batch_idx + 1
+            if self.accelerator.sync_gradients:
+                self.after_optimizer_step()
             if self.stop_training:
                 break
 
@@ -164,9 +170,7 @@ class Engine:
             self.epoch = epoch
             self.logs["train"], self.logs["test"] = {}, {}
             self.train_epoch()
-            if self.stop_training and self.phase == "train" and self.batch_idx + 1 < len(
-                self.train_loader
-            ):
+            if self.stop_training and self.batches_done < len(self.train_loader):
                 break  # stopped inside an epoch: no test on a half-trained epoch
             self.test_epoch()
             self.history.append({
@@ -174,9 +178,17 @@ class Engine:
                 "train": dict(self.logs["train"]), "test": dict(self.logs["test"]),
             })
             self.fire("on_epoch_end")
+            self.batches_done = 0
+            self.after_epoch()
             if self.stop_training:
                 break
         self.fire("on_train_end")
+
+    def after_optimizer_step(self) -> None:
+        """Engine-level work after each optimizer step (the trainer saves states here)."""
+
+    def after_epoch(self) -> None:
+        """Engine-level work after ``on_epoch_end`` (the trainer saves states here)."""
 
 
 # -- reproducible data order ----------------------------------------------------------------
@@ -303,24 +315,55 @@ class EngineTrainer(Engine):
         )
         super().__init__(cfg, accelerator)
         set_seed(cfg.seed)
-        self.run_dir = self.make_run_dir()
         self.started = time.time()
+        self.seconds_before = 0.0  # time spent before a resume
+        self.stop_signal: int | None = None
+        self.prune_history: list | None = None
+        if accelerator.is_main_process:
+            setup_logging(None)  # console now; the file joins once the run dir is safe
+        self.run_dir, self.resume_from = self.resolve_run_dir()
 
     # -- run directory and logging --------------------------------------------------------
-    def make_run_dir(self) -> Path:
-        """Main process names and creates the run dir; every process learns its path."""
+    def resolve_run_dir(self) -> tuple[Path, Path | None]:
+        """The run dir (and state to resume from); the main process decides for everyone.
+
+        Nothing is written here, so a bad ``resume`` changes nothing on disk.
+        """
         from accelerate.utils import broadcast_object_list
 
-        holder = [None]
+        from pbt.checkpoint import find_resume
+        from pbt.config import default_run_name
+
+        cfg = self.cfg
+        holder: list = [None, None, None]
         if self.accelerator.is_main_process:
-            holder = [str(make_run_dir(self.cfg, time.strftime("%Y%m%d-%H%M%S")))]
+            try:
+                name = cfg.run_name or default_run_name(cfg, time.strftime("%Y%m%d-%H%M%S"))
+                run_dir, state = Path(cfg.work_dir) / name, None
+                if cfg.resume:
+                    prefix = cfg.run_name or default_run_name(cfg, "").rstrip("_")
+                    found = find_resume(cfg.resume, Path(cfg.work_dir), prefix)
+                    if found is not None:
+                        run_dir, state = found
+                    else:
+                        logger.info("resume auto: no usable state under %s, starting fresh",
+                                    cfg.work_dir)
+                holder = [str(run_dir), str(state) if state else None, None]
+            except ConfigError as err:
+                holder = [None, None, str(err)]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(holder)
-        run_dir = Path(holder[0])
+        if holder[2]:
+            raise ConfigError(holder[2])
+        return Path(holder[0]), (Path(holder[1]) if holder[1] else None)
+
+    def open_run_dir(self) -> None:
+        """Create the run dir, save the resolved config, start the log file."""
         if self.accelerator.is_main_process:
-            save_config(self.cfg, run_dir / "config.yaml")
-            setup_logging(run_dir / "train.log")
-        return run_dir
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            setup_logging(self.run_dir / "train.log")
+        self.accelerator.wait_for_everyone()
 
     def log(self, message: str) -> None:
         """Log on the main process only (to the console and the run's train.log)."""
@@ -329,18 +372,122 @@ class EngineTrainer(Engine):
 
     # -- build ----------------------------------------------------------------------------
     def build(self, cfg: Config) -> None:
-        """Call the ``build_*`` methods, then hand everything to ``accelerator.prepare``."""
+        """Call the ``build_*`` methods, then hand everything to ``accelerator.prepare``.
+
+        Order matters: pruning (or rebuilding a pruned structure on resume) happens on the
+        plain model, before the optimizer is made and before ``prepare`` wraps anything.
+        """
+        from pbt.checkpoint import check_model_fits, load_pbt_state, verify_state_files
+
         self.train_loader = self.build_train_loader(cfg)
         self.test_loader = self.build_test_loader(cfg)
         model = self.build_model(cfg)
+        saved: dict | None = None
+        if self.resume_from is not None:
+            verify_state_files(self.resume_from)
+            saved = load_pbt_state(self.resume_from)
+            if saved["world_size"] != self.accelerator.num_processes:
+                raise ConfigError(
+                    f"key 'resume': the state in {str(self.resume_from)!r} was saved by "
+                    f"{saved['world_size']} processes and this run has "
+                    f"{self.accelerator.num_processes}; resume with the same number of "
+                    "processes (the data order and optimizer shards depend on it)")
+            if saved.get("prune_history") is not None:
+                model = self.rebuild_pruned(model, saved["prune_history"])
+            check_model_fits(self.resume_from, model)
+        elif cfg.get("use_prune"):
+            model = self.prune(model)
         if cfg.get("sync_bn") and self.accelerator.num_processes > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.accelerator.device.type == "cpu":  # torch's SyncBatchNorm is GPU-only
+                self.log("sync_bn: true is ignored on CPU (SyncBatchNorm needs GPUs); each "
+                         "process keeps its own BatchNorm statistics")
+            else:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.optimizer = self.build_optimizer(cfg, model)
         self.criterion = self.build_criterion(cfg)
         self.model, self.optimizer, self.train_loader, self.test_loader = self.accelerator.prepare(
             model, self.optimizer, self.train_loader, self.test_loader
         )
         self.callbacks = list(self.build_callbacks(cfg))
+        self.open_run_dir()
+        if saved is not None:
+            self.restore(saved)
+
+    def prune(self, model: nn.Module) -> nn.Module:
+        raise ConfigError("use_prune: pruning is not available in this trainer")
+
+    def rebuild_pruned(self, model: nn.Module, history: list) -> nn.Module:
+        raise ConfigError("resume: the state holds a pruned model; pruning is not available")
+
+    # -- resumable states -----------------------------------------------------------------
+    def pbt_state(self) -> dict:
+        """pbt's own part of a resumable state (plain data only)."""
+        return {
+            "epoch": self.epoch, "batches_done": self.batches_done,
+            "global_step": self.global_step, "history": self.history,
+            "world_size": self.accelerator.num_processes,
+            "seconds": self.seconds_before + time.time() - self.started,
+            "callbacks": {key: cb.state_dict() for key, cb in self.callback_keys().items()
+                          if cb.state_dict()},
+            "prune_history": self.prune_history,
+            "net_type": self.cfg.get("net_type"),
+        }
+
+    def callback_keys(self) -> dict[str, Callback]:
+        """Callbacks by ``ClassName#k`` (k-th of its class), the key of their saved state."""
+        keys: dict[str, Callback] = {}
+        for callback in self.callbacks:
+            name = type(callback).__name__
+            count = sum(key.startswith(name + "#") for key in keys)
+            keys[f"{name}#{count}"] = callback
+        return keys
+
+    def save_resumable(self) -> Path:
+        from pbt.checkpoint import save_state
+
+        path = save_state(self.accelerator, self.run_dir, self.global_step, self.pbt_state(),
+                          keep=self.cfg.keep_checkpoints)
+        return path
+
+    def restore(self, saved: dict) -> None:
+        """Load model, optimizer, scaler (Accelerate) and pbt's counters, callbacks, RNG."""
+        from pbt.checkpoint import load_rng, restore_rng
+
+        self.accelerator.load_state(str(self.resume_from))
+        callbacks = self.callback_keys()
+        for key, state in saved["callbacks"].items():
+            if key in callbacks:
+                callbacks[key].load_state_dict(state)
+            else:
+                self.log(f"resume: the state of callback {key} has no callback in this run")
+        self.history = saved["history"]
+        self.global_step = saved["global_step"]
+        self.seconds_before = saved["seconds"]
+        self.prune_history = saved.get("prune_history")
+        self.start_epoch, self.skip_batches = saved["epoch"], saved["batches_done"]
+        self.batch_idx = self.skip_batches
+        restore_rng(load_rng(self.resume_from, self.accelerator.process_index))
+        self.log(f"resumed from {self.resume_from}: epoch {self.start_epoch + 1}, "
+                 f"batch {self.skip_batches}, global step {self.global_step}")
+
+    def after_optimizer_step(self) -> None:
+        stop = self.stop_signal is not None
+        if self.accelerator.num_processes > 1:  # every rank must agree on where to stop
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        save_steps = self.cfg.get("save_steps") or 0
+        if stop or (save_steps and self.global_step % save_steps == 0):
+            self.save_resumable()
+        if stop:
+            signum = self.stop_signal or 15
+            raise Preempted(signum, self.run_dir)
+
+    def after_epoch(self) -> None:
+        self.epoch += 1  # the state says "next: epoch + 1, batch 0"
+        try:
+            self.save_resumable()
+        finally:
+            self.epoch -= 1
 
     def build_train_loader(self, cfg: Config) -> DataLoader:
         raise NotImplementedError("build_train_loader not implemented")
@@ -445,14 +592,41 @@ class EngineTrainer(Engine):
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train (or only evaluate with ``eval_only``) and return the summary."""
+        """Train (or only evaluate with ``eval_only``) and return the summary.
+
+        SIGINT / SIGTERM finish the current step, save a resumable state and stop.
+        """
         if self.cfg.get("eval_only"):
             self.epoch = 0
             self.test_epoch()
             self.history.append({"epoch": 0, "test": dict(self.logs["test"])})
-        else:
+            return self.write_summary()
+        with self.stop_on_signals():
             self.loop()
         return self.write_summary()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.stop_signal = signum
+            self.log(f"{signal.Signals(signum).name}: saving a resumable state after this step")
+
+        previous = {sig: signal.signal(sig, request_stop)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def summary(self) -> dict:
         tested = [entry for entry in self.history if "top1" in entry.get("test", {})]
@@ -464,7 +638,7 @@ class EngineTrainer(Engine):
             "epochs": self.history[-1]["epoch"] if self.history else 0,
             "global_step": self.global_step,
             "world_size": self.accelerator.num_processes,
-            "seconds": round(time.time() - self.started, 2),
+            "seconds": round(self.seconds_before + time.time() - self.started, 2),
             "run_dir": str(self.run_dir),
             "history": self.history,
         }
@@ -480,6 +654,19 @@ class EngineTrainer(Engine):
         return summary
 
 
+class Preempted(TrainingError):
+    """SIGINT / SIGTERM: a resumable state was saved; the message says how to resume."""
+
+    def __init__(self, signum: int, run_dir: Path) -> None:
+        import signal
+
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received; a resumable state was saved in {run_dir}. Resume with the "
+            f"same command plus: --resume {run_dir}")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name, then rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -488,7 +675,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def setup_logging(log_file: Path | None = None) -> None:
-    """Console + file logging for the ``pbt`` logger (called by the trainer, not at import)."""
+    """Console + file logging for the ``pbt`` logger (called by the trainer, not at import).
+
+    Without ``log_file`` records are also kept in memory, and written to the file once it
+    is given, so the log holds everything printed before the run dir was safe to create.
+    """
+    from logging.handlers import MemoryHandler
+
     logger.setLevel(logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
@@ -497,27 +690,174 @@ def setup_logging(log_file: Path | None = None) -> None:
         console._pbt_console = True  # type: ignore[attr-defined]
         console.setFormatter(formatter)
         logger.addHandler(console)
+    buffers = [h for h in logger.handlers if isinstance(h, MemoryHandler)]
     for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(handler)
         handler.close()
-    if log_file is not None:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
+    if log_file is None:
+        for buffer in buffers:
+            logger.removeHandler(buffer)
+        logger.addHandler(MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1))
+        return
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(formatter)
+    for buffer in buffers:
+        buffer.setTarget(file_handler)
+        buffer.flush()
+        logger.removeHandler(buffer)
+        buffer.close()
+    logger.addHandler(file_handler)
 
 
 def launch(main: Callable[[Config], Any], cfg: Config | None = None) -> Any:
-    """Run ``main(cfg)``; bad input and stopped training end with one message and exit code.
+    """Run ``main(cfg)`` in this process or as DDP workers; bad input and stopped training
+    end with one message and an exit code.
 
-    ``cfg`` defaults to the command line (``-c file.yaml`` and flags).
+    ``cfg`` defaults to the command line (``-c file.yaml`` and flags). Under a launcher
+    (``accelerate launch``, ``torchrun``, ``mpirun``) this process is one worker and runs
+    ``main`` itself. Otherwise pbt starts the workers on this machine with torch's elastic
+    launcher: one per GPU listed in ``gpu_id`` (``CUDA_VISIBLE_DEVICES`` is set from it),
+    or, without CUDA, ``num_processes`` CPU workers on gloo. Several GPUs always mean DDP,
+    whatever ``distributed`` says (pbt has no DataParallel mode). When a worker dies the
+    others are stopped and the job exits non-zero, naming the failed rank.
     """
+    import os
+
     try:
         if cfg is None:
             cfg = load_config()
-        return main(cfg)
+        if launched_world_size(os.environ) is not None:
+            return _run_main(main, cfg)
+        visible = select_gpus(cfg.gpu_id, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if visible is not None:  # before anything asks CUDA for its devices
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        num_processes, note = plan_processes(cfg, torch.cuda.device_count())
+        if note:
+            print(f"pbt: {note}", flush=True)
+        if num_processes == 1:
+            return _run_main(main, cfg)
+        return _start_workers(main, cfg, num_processes)
     except ConfigError as err:
         print(f"pbt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def launched_world_size(env: Any) -> int | None:
+    """The world size a launcher gave this process (torchrun / accelerate / MPI), else None."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if env.get(key):
+            return int(env[key])
+    return None
+
+
+def select_gpus(gpu_id: list[int], visible: str | None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for ``gpu_id``: the ids themselves, or, when the variable is
+    already set, the listed positions in it (so ``gpu_id`` counts the devices you can see).
+    None when it is set to nothing (CUDA hidden: nothing to select)."""
+    if len(set(gpu_id)) != len(gpu_id) or min(gpu_id, default=0) < 0:
+        raise ConfigError(f"key 'gpu_id' has value {gpu_id!r}; expected distinct device ids >= 0")
+    if visible is None:
+        return ",".join(str(i) for i in gpu_id)
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if not devices:
+        return None
+    if max(gpu_id) >= len(devices):
+        raise ConfigError(f"key 'gpu_id' has value {gpu_id!r}, but CUDA_VISIBLE_DEVICES="
+                          f"{visible!r} makes only {len(devices)} device(s) visible "
+                          f"(ids 0..{len(devices) - 1})")
+    return ",".join(devices[i] for i in gpu_id)
+
+
+def plan_processes(cfg: Config, cuda_devices: int) -> tuple[int, str | None]:
+    """How many workers to start on this machine, and a note for the user (or None).
+
+    With CUDA: one per ``gpu_id`` entry (``cuda_devices`` is what ``CUDA_VISIBLE_DEVICES``
+    from :func:`select_gpus` left visible). Without: ``num_processes`` (0 = 1) on CPU.
+    """
+    gpu_id, wanted = list(cfg.gpu_id), int(cfg.num_processes)
+    if wanted < 0:
+        raise ConfigError(f"key 'num_processes' has value {wanted!r}; expected 0 (auto) or more")
+    if cuda_devices == 0:
+        note = None
+        if len(gpu_id) > 1:
+            note = (f"no CUDA device visible: gpu_id {gpu_id} is ignored "
+                    "(--num_processes N starts N CPU workers)")
+        return max(wanted, 1), note
+    if cuda_devices < len(gpu_id):
+        raise ConfigError(f"key 'gpu_id' has value {gpu_id!r}, but only {cuda_devices} of these "
+                          "CUDA devices exist")
+    if wanted not in (0, len(gpu_id)):
+        raise ConfigError(f"key 'num_processes' has value {wanted!r}, but gpu_id {gpu_id} lists "
+                          f"{len(gpu_id)} GPU(s); pbt starts one process per listed GPU")
+    note = None
+    if len(gpu_id) > 1 and not cfg.distributed:
+        note = (f"distributed: false, but gpu_id lists {len(gpu_id)} GPUs: training with DDP, "
+                "one process per GPU (pbt has no DataParallel mode; PyTorch recommends DDP)")
+    return len(gpu_id), note
+
+
+def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
+    """``main(cfg)`` in this process; with several processes each says it is up first."""
+    import os
+    import socket
+
+    world = launched_world_size(os.environ) or 1
+    if world > 1:
+        rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                     if os.environ.get(k)), "?")
+        print(f"pbt: rank {rank}/{world} ready (pid {os.getpid()}, host {socket.gethostname()})",
+              flush=True)
+    try:
+        return main(cfg)
+    except ConfigError as err:
+        print(f"pbt: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except TrainingError as err:
-        print(f"pbt: stopped: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        print(f"pbt: stopped: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+
+
+def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: int) -> Any:
+    """Start ``num_processes`` workers on this machine (torch elastic, no restarts) and
+    return rank 0's result; any failed worker stops them all and exits non-zero."""
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # as torchrun does: N processes x all cores each would oversubscribe the CPU
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    on_gpu = torch.cuda.device_count() > 0
+    where = f"GPUs {os.environ['CUDA_VISIBLE_DEVICES']} (nccl)" if on_gpu else "CPU (gloo)"
+    print(f"pbt: starting {num_processes} DDP worker processes on {where}; batch_size "
+          f"{cfg.batch_size} is per process", flush=True)
+    port = int(cfg.main_process_port)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}",
+        # is_host: a busy port is an error, never a silent join of another job's store
+        rdzv_configs={"is_host": True}, max_restarts=0, start_method="spawn",
+    )
+    try:
+        results = elastic_launch(config, _run_main)(main, cfg)
+    except RendezvousError as err:
+        reason = str(err.__cause__ or err).split(". ")[-1]  # e.g. "... address already in use"
+        raise ConfigError(f"key 'main_process_port': cannot listen on 127.0.0.1:{port} "
+                          f"({reason}); pass --main_process_port 0 to use any free port") from None
+    except ChildFailedError as err:
+        failures = sorted(err.failures.items())
+        for rank, failure in failures:
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            print(f"pbt: worker rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
+        print(f"pbt: stopped all {num_processes} workers; checkpoints already saved in the run "
+              "dir are intact", file=sys.stderr, flush=True)
+        codes = [failure.exitcode for _, failure in failures if failure.exitcode > 0]
+        raise SystemExit(max(codes, default=1)) from None
+    except SignalException as err:
+        print(f"pbt: {err.sigval.name} received; all workers were stopped", file=sys.stderr)
+        raise SystemExit(128 + int(err.sigval)) from None
+    return results[0]

@@ -1,0 +1,417 @@
+"""Structural (filter) pruning on torch-pruning: channels are physically removed.
+
+Four ways to rank channels: ``l1`` / ``l2`` (group weight norm), ``fpgm`` (geometric
+median) and ``slim`` (Network Slimming: BatchNorm scale |gamma|, after BN-sparsity training
+with :class:`SlimRegularizer`). torch-pruning's dependency graph keeps coupled layers
+(residual adds, depthwise convs, BatchNorms) consistent.
+
+Typical use, before ``accelerator.prepare`` and before the optimizer is built::
+
+    result = prune_model(model, torch.randn(1, 3, 224, 224), method="l1", ratio=0.5)
+    ckpt["prune_history"] = result.history          # plain lists: weights_only-safe
+
+and in a new process::
+
+    model = build_model(net_type, num_classes)
+    apply_prune_history(model, torch.randn(1, 3, 224, 224), ckpt["prune_history"])
+    model.load_state_dict(ckpt["model"])
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pbt.callbacks import Callback
+
+PRUNE_METHODS = ("l1", "l2", "fpgm", "slim")
+
+# BN scales whose relative spread (std / mean of |gamma|) is below this were never pushed
+# apart by sparsity training, so ranking channels by them is arbitrary.
+_SLIM_MIN_SPREAD = 0.05
+
+
+def _config_error(message: str) -> Exception:
+    from pbt.config import ConfigError
+
+    return ConfigError(message)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` did: settings, size before/after, and the replayable history.
+
+    Every field is a plain python value, so ``to_dict()`` (or ``history`` alone) can be
+    stored inside a checkpoint that loads with ``torch.load(weights_only=True)``.
+    """
+
+    method: str
+    ratio: float
+    round_to: int | None
+    global_pruning: bool
+    iterative_steps: int
+    ignored_layers: list[str]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    history: list[list] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        """How many times fewer parameters the pruned model has."""
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        """How many times fewer multiply-accumulates (batch 1) the pruned model needs."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"pruned ({self.method}, ratio {self.ratio}): params {self.params_before:,} -> "
+            f"{self.params_after:,} ({self.params_ratio:.2f}x fewer), MACs "
+            f"{self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.2f}x fewer)"
+        )
+
+
+def find_classifier(model: nn.Module) -> str | None:
+    """Name of the last ``nn.Linear`` in ``model`` (the classifier head), or None."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    return name
+
+
+def _importance(method: str) -> Any:
+    import torch_pruning as tp
+
+    if method == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if method == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if method == "fpgm":
+        return tp.importance.FPGMImportance(p=2)
+    # Raw |gamma| (no per-layer normalisation): Network Slimming's global threshold
+    # compares scales across layers, which sparsity training made comparable.
+    return tp.importance.BNScaleImportance(normalizer=None)
+
+
+def _check_args(
+    method: str, ratio: float, round_to: int | None, iterative_steps: int
+) -> None:
+    if method not in PRUNE_METHODS:
+        raise _config_error(
+            f"prune_method: unknown method {method!r}; valid ones are {', '.join(PRUNE_METHODS)}"
+        )
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise _config_error(
+            f"prune_ratio: {ratio!r} is not a fraction of channels to remove in [0, 1)"
+        )
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise _config_error(f"round_to: {round_to!r} must be a positive integer or None")
+    if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or (
+        iterative_steps < 1
+    ):
+        raise _config_error(f"iterative_steps: {iterative_steps!r} must be an integer >= 1")
+
+
+def _resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module] | None) -> list[str]:
+    """Turn names or modules into module names, with a clear error for unknown ones."""
+    names = dict(model.named_modules())
+    by_module = {id(m): n for n, m in names.items()}
+    resolved = []
+    for layer in layers or ():
+        if isinstance(layer, nn.Module):
+            if id(layer) not in by_module:
+                raise _config_error(
+                    f"ignored_layers: module {type(layer).__name__} is not part of the model"
+                )
+            resolved.append(by_module[id(layer)])
+        elif isinstance(layer, str) and layer in names and layer:
+            resolved.append(layer)
+        else:
+            close = difflib.get_close_matches(str(layer), [n for n in names if n], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _config_error(f"ignored_layers: no module named {layer!r} in the model{hint}")
+    return resolved
+
+
+def _on_device(example_inputs: Any, model: nn.Module) -> Any:
+    param = next(model.parameters(), None)
+    if param is None or not torch.is_tensor(example_inputs):
+        return example_inputs
+    return example_inputs.to(param.device)
+
+
+def _forward(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (list, tuple)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
+    with torch.no_grad():
+        out = _forward(model, example_inputs)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return [tuple(o.shape) for o in outs if torch.is_tensor(o)]
+
+
+def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """(parameters, multiply-accumulates) of one forward pass on ``example_inputs``."""
+    import torch_pruning as tp
+
+    training = model.training
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(training)
+    return int(params), int(macs)
+
+
+def bn_scale_spread(model: nn.Module, ignored: Sequence[str] = ()) -> float:
+    """Relative spread (std / mean) of all BatchNorm |gamma| values; 0.0 if none."""
+    scales = [
+        module.weight.detach().abs().flatten().float().cpu()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.weight is not None
+        and name not in ignored
+    ]
+    if not scales:
+        return 0.0
+    gammas = torch.cat(scales)
+    mean = gammas.mean().item()
+    if gammas.numel() < 2 or mean == 0:
+        return 0.0
+    return gammas.std().item() / mean
+
+
+def prune_model(
+    model: nn.Module,
+    example_inputs: Any,
+    method: str = "l1",
+    ratio: float = 0.5,
+    round_to: int | None = 8,
+    global_pruning: bool = False,
+    ignored_layers: Sequence[str | nn.Module] | None = None,
+    iterative_steps: int = 1,
+) -> PruneResult:
+    """Prune ``model`` in place and report what changed.
+
+    ``ratio`` is the fraction of channels removed from each prunable layer (of the whole
+    network with ``global_pruning``), so parameters and MACs shrink by roughly
+    ``(1 - ratio) ** 2``. The classifier (last ``nn.Linear``) is never pruned;
+    ``ignored_layers`` (module names) protects more. ``round_to`` keeps channel counts at
+    multiples of it, which fast kernels prefer. Build the optimizer after this call.
+    """
+    import torch_pruning as tp
+
+    _check_args(method, ratio, round_to, iterative_steps)
+    ignored = _resolve_layers(model, ignored_layers)
+    classifier = find_classifier(model)
+    if classifier is not None and classifier not in ignored:
+        ignored.append(classifier)
+    modules = dict(model.named_modules())
+    example_inputs = _on_device(example_inputs, model)
+
+    if method == "slim":
+        spread = bn_scale_spread(model, ignored)
+        if spread < _SLIM_MIN_SPREAD:
+            warnings.warn(
+                f"slim pruning: BatchNorm scales show no spread (std/mean of |gamma| = "
+                f"{spread:.3g}); without BN-sparsity training (SlimRegularizer) the channel "
+                "ranking is arbitrary",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    training = model.training
+    try:
+        params_before, macs_before = count_params_and_macs(model, example_inputs)
+        model.eval()  # tracing runs a forward pass: keep BatchNorm running stats untouched
+        shapes_before = _output_shapes(model, example_inputs)
+        with torch.enable_grad():  # the dependency graph is traced through autograd
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example_inputs,
+                importance=_importance(method),
+                pruning_ratio=float(ratio),
+                global_pruning=global_pruning,
+                iterative_steps=iterative_steps,
+                ignored_layers=[modules[name] for name in ignored],
+                round_to=round_to,
+            )
+            # torch-pruning skips a group whose every channel is selected (global ranking),
+            # so no layer is ever removed entirely.
+            for _ in range(iterative_steps):
+                pruner.step()
+        shapes_after = _output_shapes(model, example_inputs)
+        params_after, macs_after = count_params_and_macs(model, example_inputs)
+    finally:
+        model.train(training)
+    if shapes_after != shapes_before:
+        raise _config_error(
+            f"prune_model: pruning changed the output shape {shapes_before} -> {shapes_after}; "
+            "add the output layer to ignored_layers"
+        )
+    return PruneResult(
+        method=method,
+        ratio=float(ratio),
+        round_to=round_to,
+        global_pruning=bool(global_pruning),
+        iterative_steps=iterative_steps,
+        ignored_layers=ignored,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        history=_plain_history(pruner.pruning_history()),
+    )
+
+
+def _plain_history(history: Sequence) -> list[list]:
+    """torch-pruning's history as [module_name, is_out_channels, [indices]] plain lists."""
+    return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
+
+
+def apply_prune_history(
+    model: nn.Module, example_inputs: Any, history: list | dict
+) -> nn.Module:
+    """Rebuild a pruned structure on a freshly built, unpruned ``model`` (in place).
+
+    ``history`` is ``PruneResult.history`` (or ``PruneResult.to_dict()``) as saved in a
+    checkpoint's ``prune_history``. Afterwards ``model.load_state_dict(saved_state)``
+    reproduces the pruned model exactly, without pickled code.
+    """
+    import torch_pruning as tp
+
+    if isinstance(history, dict):
+        if "history" not in history:
+            raise _config_error("prune_history: dict has no 'history' entry")
+        history = history["history"]
+    if not isinstance(history, (list, tuple)):
+        raise _config_error(
+            f"prune_history: expected a list of [module_name, is_out, indices], "
+            f"got {type(history).__name__}"
+        )
+    modules = dict(model.named_modules())
+    for i, entry in enumerate(history):
+        ok = (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], bool)
+            and isinstance(entry[2], (list, tuple))
+            and all(isinstance(j, int) and not isinstance(j, bool) for j in entry[2])
+        )
+        if not ok:
+            raise _config_error(
+                f"prune_history[{i}]: {str(entry)[:80]!r} is not [module_name, is_out, indices]"
+            )
+        if entry[0] not in modules:
+            raise _config_error(
+                f"prune_history[{i}]: the model has no module {entry[0]!r} "
+                "(was the checkpoint made from another net_type?)"
+            )
+    training = model.training
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=_on_device(example_inputs, model)
+            )
+            # one entry at a time, so each entry's indices are checked against the channel
+            # count it will see (torch-pruning silently ignores out-of-range ones)
+            for i, (name, is_out, idxs) in enumerate(history):
+                module = modules[name]
+                count = graph.get_out_channels if is_out else graph.get_in_channels
+                channels = count(module)
+                if channels is None or len(set(idxs)) != len(idxs) or not all(
+                    0 <= j < channels for j in idxs
+                ) or len(idxs) >= channels:
+                    raise _config_error(
+                        f"prune_history[{i}]: indices for {name!r} do not fit its {channels} "
+                        "channels (was it saved from another net_type or num_classes?)"
+                    )
+                graph.load_pruning_history([[name, is_out, list(idxs)]])
+    finally:
+        model.train(training)
+    return model
+
+
+def measure_model(model: nn.Module, example_inputs: torch.Tensor, runs: int = 30) -> dict:
+    """Parameters, MACs and CPU latency (ms, batch 1, one thread, median of ``runs``).
+
+    The model is measured on a CPU copy in eval mode; the caller's model, its mode and
+    torch's thread count are left as they were.
+    """
+    if runs < 1:
+        raise _config_error(f"measure_model: runs must be >= 1, got {runs!r}")
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    x = example_inputs[:1].detach().cpu()
+    params, macs = count_params_and_macs(cpu_model, x)
+    threads = torch.get_num_threads()
+    times = []
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            for _ in range(5):
+                cpu_model(x)
+            for _ in range(runs):
+                start = time.perf_counter()
+                cpu_model(x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {"params": params, "macs": macs, "latency_ms": 1000 * statistics.median(times)}
+
+
+class SlimRegularizer(Callback):
+    """Network Slimming's BN-sparsity term: adds ``slim_reg * sign(gamma)`` to BN grads.
+
+    That is the gradient of ``slim_reg * sum(|gamma|)``; it drives unneeded channels'
+    BatchNorm scales towards zero so ``method="slim"`` can remove them. It is added once
+    per optimizer step (on the micro-batch where Accelerate synchronises gradients), and
+    multiplied by the fp16 loss scale when one is active, since gradients are still scaled
+    right after backward.
+    """
+
+    def __init__(self, slim_reg: float = 1e-4) -> None:
+        if isinstance(slim_reg, bool) or not isinstance(slim_reg, (int, float)) or slim_reg < 0:
+            raise _config_error(f"slim_reg: {slim_reg!r} must be a number >= 0")
+        self.slim_reg = float(slim_reg)
+
+    def on_after_backward(self, engine: Any, logs: dict) -> None:
+        accelerator = getattr(engine, "accelerator", None)
+        if accelerator is not None and not getattr(accelerator, "sync_gradients", True):
+            return
+        scale = 1.0
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = float(scaler.get_scale())
+        step = self.slim_reg * scale
+        with torch.no_grad():
+            for module in engine.unwrapped_model.modules():
+                if (
+                    isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    and module.weight is not None
+                    and module.weight.grad is not None
+                ):
+                    module.weight.grad.add_(torch.sign(module.weight), alpha=step)

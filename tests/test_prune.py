@@ -1,0 +1,269 @@
+"""Structural pruning: real torchvision backbones, channels physically removed, exact reload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from pbt.config import ConfigError
+from pbt.models import NET_TYPES, build_model
+from pbt.prune import (
+    PRUNE_METHODS,
+    SlimRegularizer,
+    apply_prune_history,
+    measure_model,
+    prune_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small CPU ops on a shared machine run ~20x faster on one thread than oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _spread_bn_scales(model: nn.Module, seed: int = 0) -> None:
+    """Stand in for BN-sparsity training: give BatchNorm scales distinct magnitudes."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data = torch.rand(module.weight.shape, generator=generator) + 0.01
+
+
+def _conv_out_channels(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@pytest.mark.parametrize("method", PRUNE_METHODS)
+@pytest.mark.parametrize("net_type", NET_TYPES)
+def test_prune_every_backbone_and_method(net_type, method, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(net_type, num_classes=7)
+    if method == "slim":
+        _spread_bn_scales(model)
+    x = torch.randn(2, 3, 32, 32)
+    before = _conv_out_channels(model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scales have spread: slim must not warn here
+        result = prune_model(model, x, method=method, ratio=0.5)
+
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 7)
+    assert result.params_after == sum(p.numel() for p in model.parameters())
+    # half the channels on both sides of most weights: about a quarter of the parameters
+    assert 0.2 < result.params_after / result.params_before < 0.33
+    assert result.macs_after < result.macs_before / 3.3
+    after = _conv_out_channels(model)
+    assert sum(after.values()) < 0.55 * sum(before.values())
+    assert all(c % 8 == 0 for c in after.values())
+
+    # round trip through a weights_only file onto a freshly built, unpruned network
+    path = tmp_path / "pruned.pth"
+    torch.save({"model": model.state_dict(), "prune_history": result.history}, path)
+    saved = torch.load(path, weights_only=True)
+    rebuilt = build_model(net_type, num_classes=7)
+    apply_prune_history(rebuilt, torch.randn(1, 3, 32, 32), saved["prune_history"])
+    rebuilt.load_state_dict(saved["model"])
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+
+
+def test_channels_removed_and_round_to():
+    x = torch.randn(1, 3, 32, 32)
+    for round_to, check in ((8, lambda c: c % 8 == 0), (None, lambda c: True)):
+        torch.manual_seed(0)
+        model = build_model("resnet18", num_classes=5)
+        prune_model(model, x, method="l1", ratio=0.3, round_to=round_to)
+        # 64 * 0.7 = 44.8 channels left: 44 unrounded, 40 with round_to=8
+        assert model.conv1.out_channels == (40 if round_to else 44)
+        assert model.layer1[0].conv1.in_channels == model.conv1.out_channels
+        assert all(check(c) for c in _conv_out_channels(model).values())
+    # the classifier keeps its classes; its inputs follow the pruned last stage
+    assert model.fc.out_features == 5 and model.fc.in_features == model.layer4[1].bn2.num_features
+    assert model.fc.in_features < 512
+
+    torch.manual_seed(0)
+    mobile = build_model("mobilenet_v2", num_classes=5)
+    result = prune_model(mobile, x, method="l2", ratio=0.5, ignored_layers=["features.0.0"])
+    convs = _conv_out_channels(mobile)
+    assert convs["features.0.0"] == 32  # ignored
+    assert all(c % 8 == 0 for c in convs.values())
+    assert result.ignored_layers == ["features.0.0", "classifier.1"]
+    for module in mobile.modules():  # depthwise convs stay depthwise
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            assert module.groups == module.in_channels == module.out_channels
+
+
+def test_prune_keeps_training_mode_and_bn_stats():
+    model = build_model("resnet18", num_classes=3).train()
+    prune_model(model, torch.randn(4, 3, 32, 32) * 10, ratio=0.5)
+    assert model.training
+    # tracing ran forward passes, but in eval mode: running stats are still at init
+    assert torch.equal(model.bn1.running_mean, torch.zeros_like(model.bn1.running_mean))
+    assert torch.equal(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_slim_removes_smallest_bn_scales_and_warns_without_sparsity():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3)
+    _spread_bn_scales(model, seed=1)
+    # layer1.0.bn1 is coupled only to its own conv, so its ranking is its own |gamma|
+    gammas = model.layer1[0].bn1.weight.detach().clone()
+    prune_model(model, torch.randn(1, 3, 32, 32), method="slim", ratio=0.5)
+    kept = torch.sort(gammas.abs().topk(32).indices).values
+    assert torch.equal(model.layer1[0].bn1.weight.detach(), gammas[kept])
+
+    fresh = build_model("resnet18", num_classes=3)  # all gammas are 1
+    with pytest.warns(UserWarning, match="no spread"):
+        prune_model(fresh, torch.randn(1, 3, 32, 32), method="slim", ratio=0.5)
+
+
+def test_global_pruning_and_iterative_steps_round_trip():
+    x = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", num_classes=4)
+    result = prune_model(model, x, method="l1", ratio=0.5, global_pruning=True, iterative_steps=3)
+    assert result.global_pruning and result.iterative_steps == 3
+    assert result.params_ratio > 2
+    rebuilt = apply_prune_history(build_model("mobilenet_v2", num_classes=4), x, result.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+def test_bad_arguments_raise_config_error():
+    model = build_model("resnet18", num_classes=3)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="prune_method.*'l3'"):
+        prune_model(model, x, method="l3")
+    with pytest.raises(ConfigError, match="prune_ratio"):
+        prune_model(model, x, ratio=1.0)
+    with pytest.raises(ConfigError, match="round_to"):
+        prune_model(model, x, round_to=0)
+    with pytest.raises(ConfigError, match="layer1.0.conv"):  # suggests the close name
+        prune_model(model, x, ignored_layers=["layer1.0.convv1"])
+    assert model.conv1.out_channels == 64  # nothing was pruned by the failed calls
+    with pytest.raises(ConfigError, match=r"prune_history\[0\]"):
+        apply_prune_history(model, x, [["conv1", "yes", [0]]])
+    with pytest.raises(ConfigError, match="no module 'backbone.conv1'"):
+        apply_prune_history(model, x, [["backbone.conv1", True, [0]]])
+    with pytest.raises(ConfigError, match=r"prune_history\[1\].*'conv1'.*60 channels"):
+        apply_prune_history(model, x, [["conv1", True, [0, 1, 2, 3]], ["conv1", True, [60]]])
+
+
+def test_measure_model_restores_torch_state():
+    threads = torch.get_num_threads()
+    model = build_model("resnet18", num_classes=3).train()
+    stats = measure_model(model, torch.randn(4, 3, 32, 32), runs=30)
+    assert torch.get_num_threads() == threads and model.training
+    assert stats["params"] == sum(p.numel() for p in model.parameters())
+    assert stats["macs"] > 0 and stats["latency_ms"] > 0
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    net[1].weight.data = torch.tensor([0.5, -0.25, 0.0, 2.0])
+    return net
+
+
+def _backward(net: nn.Module) -> dict[str, torch.Tensor]:
+    net.zero_grad()
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    net(x).square().sum().backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_slim_regularizer_adds_sign_of_bn_scale():
+    net = _bn_net()
+    plain = _backward(net)
+    _backward(net)
+    SlimRegularizer(slim_reg=0.01).on_after_backward(
+        SimpleNamespace(unwrapped_model=net, accelerator=None), {}
+    )
+    # d/dgamma of 0.01 * sum|gamma| is 0.01 * sign(gamma); sign(0) = 0
+    expected = plain["1.weight"] + torch.tensor([0.01, -0.01, 0.0, 0.01])
+    assert torch.allclose(net[1].weight.grad, expected, atol=1e-7, rtol=0)
+    for name, grad in plain.items():
+        if name != "1.weight":
+            assert torch.equal(dict(net.named_parameters())[name].grad, grad)
+
+
+def test_slim_regularizer_follows_accumulation_and_loss_scale():
+    from accelerate import Accelerator
+
+    net = _bn_net()
+    plain = _backward(net)["1.weight"]
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    engine = SimpleNamespace(unwrapped_model=net, accelerator=accelerator)
+    reg = SlimRegularizer(slim_reg=0.01)
+    with accelerator.accumulate(net):  # first micro-batch: no optimizer step follows
+        _backward(net)
+        reg.on_after_backward(engine, {})
+    assert torch.equal(net[1].weight.grad, plain)
+    with accelerator.accumulate(net):
+        _backward(net)
+        reg.on_after_backward(engine, {})
+    assert torch.allclose(net[1].weight.grad, plain + 0.01 * torch.sign(net[1].weight),
+                          atol=1e-7, rtol=0)
+
+    # with an fp16 loss scale the gradients are still scaled right after backward
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _backward(net)
+    reg.on_after_backward(SimpleNamespace(
+        unwrapped_model=net, accelerator=SimpleNamespace(sync_gradients=True, scaler=scaler)), {})
+    assert torch.allclose(net[1].weight.grad, plain + 10.24 * torch.sign(net[1].weight),
+                          atol=1e-5, rtol=0)
+
+
+def test_fresh_process_loads_pruned_checkpoint_with_weights_only(tmp_path):
+    x = torch.randn(2, 3, 48, 48)
+    expected = {}
+    for net_type in ("resnet50", "mobilenet_v2"):
+        torch.manual_seed(0)
+        model = build_model(net_type, num_classes=6)
+        result = prune_model(model, x[:1], method="fpgm", ratio=0.4)
+        model.eval()
+        with torch.no_grad():
+            expected[net_type] = model(x)
+        torch.save({"model": model.state_dict(), "net_type": net_type, "num_classes": 6,
+                    "prune_history": result.history}, tmp_path / f"{net_type}.pth")
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from pbt.models import build_model
+        from pbt.prune import apply_prune_history
+        x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+        for net_type in ("resnet50", "mobilenet_v2"):
+            ckpt = torch.load({str(tmp_path)!r} + f"/{{net_type}}.pth", weights_only=True)
+            model = build_model(ckpt["net_type"], ckpt["num_classes"])
+            apply_prune_history(model, torch.randn(1, 3, 32, 32), ckpt["prune_history"])
+            model.load_state_dict(ckpt["model"])
+            with torch.no_grad():
+                torch.save(model.eval()(x), {str(tmp_path)!r} + f"/{{net_type}}_out.pt")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    for net_type, out in expected.items():
+        assert torch.equal(torch.load(tmp_path / f"{net_type}_out.pt", weights_only=True), out)

@@ -1,0 +1,204 @@
+"""Exact resume after SIGKILL / SIGTERM, atomic states, finetune, and bad resume input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_recipe, tiny_cfg
+
+from pbt.checkpoint import COMPLETE_MARK, complete_states
+from pbt.config import ConfigError
+
+SCRIPT = Path(__file__).parent / "train_tiny.py"
+BASE = ["--num_epochs", "3", "--batch_size", "8", "--progress", "false", "--lr", "0.05",
+        "--milestones", "2", "--num_warn_up", "1"]
+
+
+def train_tiny(cwd: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--work_dir", "w", *BASE, *args],
+                            cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pth", weights_only=True)["model"]
+
+
+def assert_same_run(run_a: Path, run_b: Path) -> None:
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
+    history_a = json.loads((run_a / "summary.json").read_text())["history"]
+    history_b = json.loads((run_b / "summary.json").read_text())["history"]
+    assert history_a == history_b
+
+
+def epoch_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, workers):
+    train_tiny(tmp_path, "--run_name", "straight", "--num_workers", workers)
+    crashed = train_tiny(tmp_path, "--run_name", "crashed", "--num_workers", workers,
+                         "--save_steps", "2", "--signal_at", "2", "4", "KILL", expect=-9)
+    run_dir = tmp_path / "w" / "crashed"
+    steps = [int(p.name.split("-")[1]) for p in complete_states(run_dir)]
+    assert steps == [6, 8], crashed.stdout  # a mid-epoch state of epoch 2 exists
+    resumed = train_tiny(tmp_path, "--run_name", "crashed", "--num_workers", workers,
+                         "--save_steps", "2", "--resume", str(run_dir))
+    assert "resumed from" in resumed.stdout and "epoch 2, batch 3" in resumed.stdout
+    assert_same_run(tmp_path / "w" / "straight", run_dir)
+    for tag in ("epoch/test_top1", "epoch/train_loss"):
+        assert epoch_scalars(run_dir, tag) == epoch_scalars(tmp_path / "w" / "straight", tag)
+
+
+def test_sigterm_saves_state_and_resume_is_exact(tmp_path):
+    train_tiny(tmp_path, "--run_name", "straight", "--num_workers", "0")
+    stopped = train_tiny(tmp_path, "--run_name", "pre", "--num_workers", "0",
+                         "--signal_at", "2", "2", "TERM", expect=128 + signal.SIGTERM)
+    run_dir = tmp_path / "w" / "pre"
+    assert "SIGTERM" in stopped.stderr and f"--resume {run_dir.relative_to(tmp_path)}" \
+        in stopped.stderr.replace(str(tmp_path) + "/", "")
+    assert [int(p.name.split("-")[1]) for p in complete_states(run_dir)][-1] == 7
+    train_tiny(tmp_path, "--run_name", "pre", "--num_workers", "0", "--resume", "auto")
+    assert_same_run(tmp_path / "w" / "straight", run_dir)
+
+
+def test_resume_auto_starts_fresh_when_nothing_to_resume(tmp_path):
+    result = train_tiny(tmp_path, "--run_name", "fresh", "--num_workers", "0",
+                        "--num_epochs", "1", "--resume", "auto")
+    assert "starting fresh" in result.stdout
+    assert json.loads((tmp_path / "w" / "fresh" / "summary.json").read_text())["epochs"] == 1
+
+
+def test_keep_checkpoints_rotates(tmp_path):
+    train_tiny(tmp_path, "--run_name", "rot", "--num_workers", "0", "--save_steps", "1",
+               "--keep_checkpoints", "3")
+    states = complete_states(tmp_path / "w" / "rot")
+    assert [int(p.name.split("-")[1]) for p in states] == [13, 14, 15]
+    assert not list((tmp_path / "w" / "rot" / "checkpoints").glob(".tmp-*"))
+
+
+def test_kill_inside_a_save_keeps_previous_state(tmp_path):
+    """SIGKILL while a state is being written: the previous one still resumes."""
+    args = ["--work_dir", "w", "--run_name", "k", "--net_type", "resnet18", "--input_size",
+            "16", "16", "--num_epochs", "2", "--batch_size", "64", "--num_workers", "0",
+            "--progress", "false", "--save_steps", "3"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "classification.py"), *args],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "w" / "k" / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            partial = [p for p in checkpoints.glob(".tmp-step-*") if any(p.iterdir())] \
+                if checkpoints.is_dir() else []
+            if partial and complete_states(tmp_path / "w" / "k"):
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail("run ended before a save could be interrupted")
+            time.sleep(0.001)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -9
+    partial = list(checkpoints.glob(".tmp-step-*"))
+    assert partial and not (partial[0] / COMPLETE_MARK).exists()
+    good = complete_states(tmp_path / "w" / "k")[-1]
+    result = run_recipe([*args, "--resume", "auto"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {good.relative_to(tmp_path)}" in result.stdout
+    summary = json.loads((tmp_path / "w" / "k" / "summary.json").read_text())
+    assert summary["epochs"] == 2
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_bad_resume_inputs_change_nothing(tmp_path, tiny_trainer):
+    cfg = tiny_cfg(tmp_path, num_epochs=1)
+    tiny_trainer(cfg).run()
+    run_dir = tmp_path / "work" / "tiny"
+    before = snapshot(tmp_path)
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load = tiny_cfg(tmp_path, resume=str(tmp_path / "nowhere"))
+        tiny_trainer(load)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before[str(empty)] = snapshot(tmp_path)[str(empty)]
+    with pytest.raises(ConfigError, match="holds no complete pbt training state"):
+        tiny_trainer(tiny_cfg(tmp_path, resume=str(empty)))
+
+    class Wider(tiny_trainer):
+        def build_model(self, cfg):
+            model = super().build_model(cfg)
+            model[4] = torch.nn.Linear(16, 7)
+            return model
+
+    with pytest.raises(ConfigError) as err:
+        Wider(tiny_cfg(tmp_path, resume=str(run_dir)))
+    message = str(err.value)
+    assert "key '4.bias' has shape (4,) in the state and (7,) in this model" in message \
+        or "key '4.weight' has shape (4, 16) in the state and (7, 16) in this model" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_refuses_pickled_code(tmp_path, tiny_trainer):
+    tiny_trainer(tiny_cfg(tmp_path, num_epochs=1)).run()
+    state = complete_states(tmp_path / "work" / "tiny")[-1]
+    torch.save({"payload": ConfigError("x")}, state / "pbt_state.pt")  # needs pickled code
+    with pytest.raises(ConfigError, match="refused"):
+        tiny_trainer(tiny_cfg(tmp_path, resume=str(tmp_path / "work" / "tiny")))
+
+
+def test_model_file_that_is_not_weights(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    result = run_recipe(["--model_file", str(text), "--work_dir", "w", "--num_epochs", "1"],
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model_file" in result.stderr and str(text) in result.stderr
+    pickled = tmp_path / "pickled.pth"
+    torch.save(torch.nn.Linear(2, 2), pickled)  # a whole module: needs pickled code
+    result = run_recipe(["--model_file", str(pickled), "--work_dir", "w", "--num_epochs", "1"],
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "weights_only=True" in result.stderr
+
+
+def test_finetune_from_pbt_style_file_with_other_classes(tmp_path, tiny_trainer):
+    source = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                 torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 7))
+    old_file = tmp_path / "pbt_model.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, old_file)
+    cfg = tiny_cfg(tmp_path, finetune=True, model_file=str(old_file), num_epochs=1)
+
+    class Loading(tiny_trainer):
+        def build_model(self, cfg):
+            model = super().build_model(cfg)
+            self.load_weights(model, cfg.model_file)
+            self.loaded = {k: v.clone() for k, v in model.state_dict().items()}
+            return model
+
+    trainer = Loading(cfg)
+    assert torch.equal(trainer.loaded["0.weight"], source.state_dict()["0.weight"])
+    assert not torch.equal(trainer.loaded["4.bias"][:4], source.state_dict()["4.bias"][:4])
+    log = (tmp_path / "work" / "tiny" / "train.log").read_text()
+    assert "skipped 2 keys" in log and "4.weight" in log and "4.bias" in log
+    trainer.run()
