@@ -380,7 +380,7 @@ class EngineTrainer(Engine):
         from pbt.checkpoint import check_model_fits, load_pbt_state, verify_state_files
 
         self.train_loader = self.build_train_loader(cfg)
-        self.test_loader = self.build_test_loader(cfg)
+        self.test_loader = self.plain_test_loader = self.build_test_loader(cfg)
         model = self.build_model(cfg)
         saved: dict | None = None
         if self.resume_from is not None:
@@ -408,16 +408,76 @@ class EngineTrainer(Engine):
         self.model, self.optimizer, self.train_loader, self.test_loader = self.accelerator.prepare(
             model, self.optimizer, self.train_loader, self.test_loader
         )
+        self.plain_test_loader = None
         self.callbacks = list(self.build_callbacks(cfg))
         self.open_run_dir()
         if saved is not None:
             self.restore(saved)
 
+    # -- pruning (before prepare; see pbt.prune) -------------------------------------------
+    def example_inputs(self) -> torch.Tensor:
+        """One input batch for tracing the model; override for non-image models."""
+        width, height = self.cfg.input_size
+        return torch.randn(1, 3, height, width)
+
+    @torch.no_grad()
+    def evaluate_plain(self, model: nn.Module) -> float | None:
+        """Test top-1 of a model that is not prepared yet (for the pruning report)."""
+        loader = getattr(self, "plain_test_loader", None)
+        if loader is None:
+            return None
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += int(labels.numel())
+        model.train(was_training)
+        return 100.0 * correct / max(total, 1)
+
     def prune(self, model: nn.Module) -> nn.Module:
-        raise ConfigError("use_prune: pruning is not available in this trainer")
+        """Physically remove channels (``prune_method``, ``prune_ratio``) and record a report."""
+        from pbt.prune import measure_model, prune_model
+
+        cfg, example = self.cfg, self.example_inputs()
+        before = {**measure_model(model, example), "top1": self.evaluate_plain(model)}
+        result = prune_model(model, example, method=cfg.prune_method, ratio=cfg.prune_ratio,
+                             round_to=cfg.round_to or None, global_pruning=cfg.prune_global,
+                             ignored_layers=cfg.prune_ignore or None,
+                             iterative_steps=cfg.prune_steps)
+        after = {**measure_model(model, example), "top1": self.evaluate_plain(model)}
+        self.prune_history = (self.prune_history or []) + result.history  # iterative runs
+        self.prune_report = {"method": cfg.prune_method, "ratio": cfg.prune_ratio,
+                             "round_to": cfg.round_to, "global": cfg.prune_global,
+                             "input_size": list(cfg.input_size),
+                             "before_pruning": before, "after_pruning": after}
+        self.log(f"pruned ({cfg.prune_method}, ratio {cfg.prune_ratio}): params "
+                 f"{before['params']:,} -> {after['params']:,}, MACs {before['macs']:,} -> "
+                 f"{after['macs']:,}, CPU latency {before['latency_ms']:.2f} -> "
+                 f"{after['latency_ms']:.2f} ms, test top1 {before['top1']} -> {after['top1']}")
+        return model
 
     def rebuild_pruned(self, model: nn.Module, history: list) -> nn.Module:
-        raise ConfigError("resume: the state holds a pruned model; pruning is not available")
+        """Replay a saved pruning history on a freshly built model (resume, finetune)."""
+        from pbt.prune import apply_prune_history
+
+        self.prune_history = history
+        return apply_prune_history(model, self.example_inputs(), history)
+
+    def write_prune_report(self) -> None:
+        from pbt.prune import measure_model
+
+        report = getattr(self, "prune_report", None)
+        if report is None or not self.accelerator.is_main_process:
+            return
+        model = self.unwrapped_model
+        tested = [e["test"]["top1"] for e in self.history if "top1" in e.get("test", {})]
+        report["after_finetuning"] = {**measure_model(model, self.example_inputs()),
+                                      "top1": tested[-1] if tested else None,
+                                      "best_top1": max(tested) if tested else None}
+        write_json_atomic(self.run_dir / "prune_report.json", report)
+        self.log("prune report: " + json.dumps(report))
 
     # -- resumable states -----------------------------------------------------------------
     def pbt_state(self) -> dict:
@@ -504,8 +564,15 @@ class EngineTrainer(Engine):
         With ``finetune`` keys are matched by name and shape and the skipped ones logged
         (a new number of classes, say); otherwise every key must fit.
         """
+        from pbt.checkpoint import safe_load
         from pbt.models import load_weights
 
+        try:
+            saved = safe_load(Path(path))
+        except ConfigError:
+            saved = None  # load_weights below says what is wrong, naming the key
+        if isinstance(saved, dict) and saved.get("prune_history"):
+            self.rebuild_pruned(model, saved["prune_history"])
         finetune = bool(self.cfg.get("finetune"))
         skipped = load_weights(model, path, strict=not finetune)
         self.log(f"loaded weights from {path}" + (
@@ -585,6 +652,10 @@ class EngineTrainer(Engine):
             cb.ModelCheckpoint(self.run_dir, monitor=cfg.monitor, mode=cfg.monitor_mode),
             cb.ProgressBar(enabled=cfg.progress, log_freq=cfg.log_freq),
         ]
+        if cfg.slim_reg > 0:
+            from pbt.prune import SlimRegularizer
+
+            callbacks.append(SlimRegularizer(cfg.slim_reg))
         if cfg.early_stop_patience > 0:
             callbacks.append(cb.EarlyStopping(cfg.monitor, cfg.early_stop_patience,
                                               cfg.early_stop_min_delta, cfg.monitor_mode))
@@ -603,6 +674,7 @@ class EngineTrainer(Engine):
             return self.write_summary()
         with self.stop_on_signals():
             self.loop()
+        self.write_prune_report()
         return self.write_summary()
 
     @contextlib.contextmanager
