@@ -251,10 +251,15 @@ class SeededDataset(Dataset):
         if isinstance(key, int):
             return self.dataset[key]
         epoch, index = key
-        # fork_rng: the caller's RNG (dropout in the main process) is left untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+        # Only the CPU generator: torch.manual_seed would also queue CUDA seeding (slow), and
+        # the caller's RNG state (dropout in the main process) is put back afterwards.
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(saved)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -363,6 +368,8 @@ class EngineTrainer(Engine):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             setup_logging(self.run_dir / "train.log")
+            if getattr(self, "class_names", None):  # predictions map back to names
+                (self.run_dir / "class_names.txt").write_text("\n".join(self.class_names) + "\n")
         self.accelerator.wait_for_everyone()
 
     def log(self, message: str) -> None:
@@ -874,18 +881,19 @@ def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
     import socket
 
     world = launched_world_size(os.environ) or 1
+    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                 if os.environ.get(k)), "0")
+    where = f" (rank {rank})" if world > 1 else ""
     if world > 1:
-        rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-                     if os.environ.get(k)), "?")
         print(f"pbt: rank {rank}/{world} ready (pid {os.getpid()}, host {socket.gethostname()})",
               flush=True)
     try:
         return main(cfg)
     except ConfigError as err:
-        print(f"pbt: error: {err}", file=sys.stderr, flush=True)
+        print(f"pbt: error{where}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except TrainingError as err:
-        print(f"pbt: stopped: {err}", file=sys.stderr, flush=True)
+        print(f"pbt: stopped{where}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
 
 
@@ -912,6 +920,9 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}",
         # is_host: a busy port is an error, never a silent join of another job's store
         rdzv_configs={"is_host": True}, max_restarts=0, start_method="spawn",
+        # Ctrl-C reaches the workers from the terminal; the agent then sends SIGTERM, not a
+        # second SIGINT (which would abort their resumable save)
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
     )
     try:
         results = elastic_launch(config, _run_main)(main, cfg)
@@ -932,4 +943,7 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
     except SignalException as err:
         print(f"pbt: {err.sigval.name} received; all workers were stopped", file=sys.stderr)
         raise SystemExit(128 + int(err.sigval)) from None
+    except KeyboardInterrupt:
+        print("pbt: SIGINT received; all workers were stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     return results[0]

@@ -41,7 +41,7 @@ class ClassificationTrainer(EngineTrainer):
         return cfg.train_data or str(train_dir), cfg.test_data or str(test_dir)
 
     def build_train_loader(self, cfg: Config) -> DataLoader:
-        from pbt.data import build_dataset, build_transforms
+        from pbt.data import ResampleSampler, build_dataset, build_transforms
 
         train_data, _ = self.data_sources(cfg)
         preset = cfg.train_transform or "default"
@@ -50,11 +50,15 @@ class ClassificationTrainer(EngineTrainer):
                               + ", ".join(TRAIN_TRANSFORMS))
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
                                      **TRAIN_TRANSFORMS[preset])
-        dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images)
+        dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images,
+                                key="train_data")
         self.class_names = list(dataset.classes)
         self.num_classes = len(self.class_names)
         self.log(f"train data: {len(dataset)} images, {self.num_classes} classes")
-        return self.build_dataloader(dataset, cfg, train=True)
+        sampler = None
+        if cfg.resample != "none":  # class balancing by the sampler; the dataset is untouched
+            sampler = ResampleSampler(dataset.targets, cfg.resample, cfg.seed)
+        return self.build_dataloader(dataset, cfg, train=True, sampler=sampler)
 
     def build_test_loader(self, cfg: Config) -> DataLoader:
         from pbt.data import build_dataset, build_transforms
@@ -65,7 +69,7 @@ class ClassificationTrainer(EngineTrainer):
                               "expected 'default' (resize + center crop)")
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False)
         dataset = build_dataset(test_data, transform, class_names=self.class_names,
-                                skip_bad_images=cfg.skip_bad_images)
+                                skip_bad_images=cfg.skip_bad_images, key="test_data")
         self.log(f"test data: {len(dataset)} images")
         return self.build_dataloader(dataset, cfg, train=False)
 

@@ -12,7 +12,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One BLAS/OpenMP thread per process: test runs start several processes on 2 cores, and
+# oversubscribed OpenMP threads spin (a 10 s run took 90 s with another process busy).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 class NoisyBlobs(Dataset):
