@@ -22,14 +22,6 @@ from pbt.export import export_onnx, load_checkpoint  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save_checkpoint(
     path: Path, net_type: str, pruned: bool, input_size: tuple[int, int] = (40, 32)
 ) -> torch.nn.Module:

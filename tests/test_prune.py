@@ -27,15 +27,6 @@ from pbt.prune import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU ops on a shared machine run ~20x faster on one thread than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spread_bn_scales(model: nn.Module, seed: int = 0) -> None:
     """Stand in for BN-sparsity training: give BatchNorm scales distinct magnitudes."""
     generator = torch.Generator().manual_seed(seed)
