@@ -388,7 +388,12 @@ class ProgressBar(Callback):
         loss = float(engine.loss.detach())
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{engine.lr:.3g}"}
+            outputs, targets = engine.outputs, engine.targets
+            if hasattr(outputs, "argmax") and outputs.ndim == 2 and targets is not None:
+                accuracy = (outputs.detach().argmax(1) == targets).float().mean()
+                postfix["acc"] = f"{100 * float(accuracy):.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
         elif engine.accelerator.sync_gradients and engine.global_step % self.log_freq == 0:
             engine.log(f"epoch {engine.epoch + 1}/{engine.num_epochs} step {engine.global_step} "
                        f"batch {engine.batch_idx + 1}/{len(engine.train_loader)} "
