@@ -209,3 +209,19 @@ def test_no_weight_decay_on_bn_and_bias(tmp_path, tiny_trainer):
     assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in groups[0]["params"])
     assert all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_trainer):
+    summary = tiny_trainer(tiny_cfg(tmp_path, mixed_precision="bf16", num_epochs=1)).run()
+    assert summary["global_step"] == 5 and summary["best_top1"] is not None
+
+
+def test_clip_grad_norm_limits_the_update(tmp_path, tiny_trainer):
+    """With momentum off, one SGD step moves the weights by at most lr * max_norm."""
+    cfg = tiny_cfg(tmp_path, clip_grad_norm=1e-3, momentum=0.0, weight_decay=0.0,
+                   num_epochs=1, lr=1.0)
+    trainer = tiny_trainer(cfg, train_size=8)
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.run()
+    after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    assert 0 < float((after - before).norm()) <= 1.0 * 1e-3 + 1e-7
