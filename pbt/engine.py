@@ -694,8 +694,10 @@ class EngineTrainer(Engine):
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            if self.stop_signal is not None:
+                if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+                    raise KeyboardInterrupt  # a second Ctrl-C stops at once
+                return  # e.g. a launcher's SIGTERM after the Ctrl-C: keep the first signal
             self.stop_signal = signum
             self.log(f"{signal.Signals(signum).name}: saving a resumable state after this step")
 
@@ -901,9 +903,10 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
     """Start ``num_processes`` workers on this machine (torch elastic, no restarts) and
     return rank 0's result; any failed worker stops them all and exits non-zero."""
     import os
+    import shutil
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -923,6 +926,7 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
         # Ctrl-C reaches the workers from the terminal; the agent then sends SIGTERM, not a
         # second SIGINT (which would abort their resumable save)
         signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
+        logs_specs=DefaultLogsSpecs(),  # a temporary dir for the workers' error files
     )
     try:
         results = elastic_launch(config, _run_main)(main, cfg)
@@ -935,7 +939,10 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
         for rank, failure in failures:
             how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                    else f"exited with code {failure.exitcode}")
-            print(f"pbt: worker rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
+            # an uncaught exception leaves an error file: {"message": "ValueError: ...", ...}
+            error = failure.message.get("message") if isinstance(failure.message, dict) else None
+            print(f"pbt: worker rank {rank} (pid {failure.pid}) {how}"
+                  + (f": {str(error).strip().splitlines()[-1]}" if error else ""), file=sys.stderr)
         print(f"pbt: stopped all {num_processes} workers; checkpoints already saved in the run "
               "dir are intact", file=sys.stderr, flush=True)
         codes = [failure.exitcode for _, failure in failures if failure.exitcode > 0]
@@ -946,4 +953,6 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
     except KeyboardInterrupt:
         print("pbt: SIGINT received; all workers were stopped", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:  # the error files were read into the failures above
+        shutil.rmtree(config.logs_specs.root_log_dir, ignore_errors=True)
     return results[0]

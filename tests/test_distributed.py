@@ -1,0 +1,420 @@
+"""Distributed training on CPU with real worker processes (gloo): the launch paths
+(``--num_processes``, ``accelerate launch`` on two "machines"), sharding, metrics, files,
+LR schedule, SyncBatchNorm and a killed worker. Every multi-process test checks that two
+ranks really ran: ``world_size`` 2 in ``summary.json`` and a "ready" line per rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from pbt.config import ConfigError, load_config
+from pbt.engine import launched_world_size, plan_processes, select_gpus
+
+RECIPE = ROOT / "recipes" / "classification.py"
+TRAIN_SIZE, TEST_SIZE = 40, 37  # 37: the test set does not split evenly over 2 ranks
+BATCH = 4  # per process: 40 / 4 = 10 batches, 5 per rank, no padding in training
+
+# The classification recipe, plus a record per rank (written to $PBT_PROBE_OUT/rank<R>.json)
+# of the train indices loaded each epoch, the lr after every step, the norm layers of the
+# model, and every file this process opened for writing, renamed into place or saved with
+# torch.save / safetensors.
+PROBE = '''
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.environ["PBT_RECIPES"])
+from classification import ClassificationTrainer  # noqa: E402
+
+from pbt.callbacks import Callback  # noqa: E402
+from pbt.engine import launch  # noqa: E402
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+class Recorder:
+    def __init__(self, dataset, probe):
+        self.dataset, self.probe = dataset, probe
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.probe.seen.setdefault(str(self.probe.epoch), []).append(int(index))
+        return self.dataset[index]
+
+
+class Probe(Callback):
+    def __init__(self):
+        self.epoch, self.seen, self.lrs, self.norms = 0, {}, [], []
+
+    def on_train_begin(self, engine, logs):
+        self.norms = sorted({type(m).__name__ for m in engine.unwrapped_model.modules()
+                             if "Norm" in type(m).__name__})
+
+    def on_epoch_begin(self, engine, logs):
+        self.epoch = engine.epoch
+
+    def on_batch_end(self, engine, logs):
+        self.lrs.append(engine.lr)
+
+
+class ProbeTrainer(ClassificationTrainer):
+    def __init__(self, cfg):
+        self.probe = Probe()
+        super().__init__(cfg)
+
+    def build_dataloader(self, dataset, cfg, train, sampler=None):
+        if train:
+            dataset = Recorder(dataset, self.probe)
+        return super().build_dataloader(dataset, cfg, train, sampler)
+
+    def build_callbacks(self, cfg):
+        return super().build_callbacks(cfg) + [self.probe]
+
+
+def recording(save, position, writes):
+    """Wrap a writer that opens files outside Python's open() (torch's C++ writer,
+    safetensors) to record its target path."""
+    def wrapper(*args, **kwargs):
+        target = args[position] if len(args) > position else None
+        if isinstance(target, (str, os.PathLike)):
+            writes.append(os.path.abspath(target))
+        return save(*args, **kwargs)
+    return wrapper
+
+
+def main(cfg):
+    import accelerate.utils.other
+    import torch
+
+    writes = []
+    torch.save = recording(torch.save, 1, writes)
+    accelerate.utils.other.safe_save_file = recording(
+        accelerate.utils.other.safe_save_file, 1, writes)
+
+    def audit(event, args):
+        path = args[0] if event == "open" else args[1] if event == "os.rename" else None
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return
+        if event == "os.rename" or args[2] & WRITE_FLAGS:
+            writes.append(os.path.abspath(os.fsdecode(path)))
+
+    sys.addaudithook(audit)
+    trainer = ProbeTrainer(cfg)
+    summary = trainer.run()
+    record = {"rank": int(os.environ.get("RANK", 0)), "local_rank": os.environ.get("LOCAL_RANK"),
+              "seen": trainer.probe.seen, "lrs": trainer.probe.lrs,
+              "norms": trainer.probe.norms, "writes": sorted(set(writes))}
+    out = Path(os.environ["PBT_PROBE_OUT"]) / f"rank{record['rank']}.json"
+    out.write_text(json.dumps(record))
+    return summary
+
+
+if __name__ == "__main__":
+    launch(main)
+'''
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> tuple[Path, Path]:
+    """40 train and 37 test images copied from the digits tree, spread over the classes."""
+    from pbt.data import materialise_digits
+
+    root = tmp_path_factory.mktemp("data")
+    digits_train, digits_test = materialise_digits(root / "digits", seed=0)
+    trees = []
+    for source, size in ((digits_train, TRAIN_SIZE), (digits_test, TEST_SIZE)):
+        by_class = [sorted(d.iterdir()) for d in sorted(source.iterdir())]
+        chosen = [files[i] for i in range(size) for files in by_class if i < len(files)][:size]
+        tree = root / "small" / source.name
+        for file in chosen:
+            (tree / file.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, tree / file.parent.name / file.name)
+        trees.append(tree)
+    return trees[0], trees[1]
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch) -> Path:
+    script = tmp_path / "dist_probe.py"
+    script.write_text(PROBE)
+    (tmp_path / "records").mkdir()
+    monkeypatch.setenv("PBT_RECIPES", str(ROOT / "recipes"))
+    monkeypatch.setenv("PBT_PROBE_OUT", str(tmp_path / "records"))
+    return script
+
+
+def train_args(data: tuple[Path, Path], work: Path, run_name: str, **extra) -> list[str]:
+    options = dict(train_data=data[0], test_data=data[1], work_dir=work, run_name=run_name,
+                   input_size="16 16", batch_size=BATCH, num_workers=0, progress="false",
+                   lr=0.05, num_epochs=2, scheduler="cosine", num_warn_up=1, log_freq=5)
+    options.update(extra)
+    return [token for key, value in options.items()
+            for token in (f"--{key}", *str(value).split())]
+
+
+def cpu_env(**extra: str) -> dict:
+    """Worker environment: CPU only, no user accelerate config, no launcher variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HOME=str(Path(env["PBT_PROBE_OUT"]).parent / "hf"),
+               PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def ready_ranks(text: str) -> set[str]:
+    return set(re.findall(r"pbt: rank (\d+)/2 ready \(pid \d+", text))
+
+
+def read_records(probe: Path) -> dict[int, dict]:
+    files = sorted((probe.parent / "records").glob("rank*.json"))
+    records = {r["rank"]: r for r in (json.loads(f.read_text()) for f in files)}
+    assert sorted(records) == [0, 1], f"expected records of ranks 0 and 1, got {files}"
+    return records
+
+
+def assert_ranks_split_the_train_set(records: dict[int, dict], epochs: int) -> None:
+    """Each epoch the two ranks load disjoint halves that together are the train set, and
+    the order changes from epoch to epoch."""
+    for epoch in map(str, range(epochs)):
+        first, second = records[0]["seen"][epoch], records[1]["seen"][epoch]
+        assert len(first) == len(second) == TRAIN_SIZE // 2
+        assert not set(first) & set(second), "both ranks loaded the same samples"
+        assert sorted(first + second) == list(range(TRAIN_SIZE))
+    if epochs > 1:
+        assert records[0]["seen"]["0"] != records[0]["seen"]["1"], "no reshuffle between epochs"
+
+
+def single_process_correct(checkpoint: Path, test_dir: Path, class_names: list[str]) -> int:
+    """Top-1 hits of saved weights, evaluated here in one process without the engine."""
+    from pbt.data import build_dataset, build_transforms
+    from pbt.models import build_model
+
+    state = torch.load(checkpoint, weights_only=True)
+    model = build_model(state["net_type"], state["num_classes"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    transform = build_transforms(state["input_size"], [0.5] * 3, [0.5] * 3, train=False)
+    dataset = build_dataset(str(test_dir), transform, class_names=class_names)
+    assert len(dataset) == TEST_SIZE
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH)
+    correct = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+    return correct
+
+
+# -- how many workers, which GPUs (no processes) --------------------------------------------
+def test_gpu_selection_and_process_count():
+    assert select_gpus([0, 1], None) == "0,1"
+    assert select_gpus([1], "4,5,6") == "5"  # positions in what is already visible
+    assert select_gpus([0], "") is None  # CUDA hidden: a CPU run, not an error
+    with pytest.raises(ConfigError, match="gpu_id.*only 2 device"):
+        select_gpus([0, 2], "3,4")
+    with pytest.raises(ConfigError, match="gpu_id"):
+        select_gpus([0, 0], None)
+
+    cfg = load_config([], gpu_id=[0, 1], distributed=False)
+    count, note = plan_processes(cfg, cuda_devices=2)
+    assert count == 2 and "DDP" in note and "distributed: false" in note
+    assert plan_processes(load_config([], gpu_id=[0, 1], distributed=True), 2) == (2, None)
+    assert plan_processes(load_config([], gpu_id=[3]), 1) == (1, None)
+    with pytest.raises(ConfigError, match="only 1 of these"):
+        plan_processes(cfg, cuda_devices=1)
+    with pytest.raises(ConfigError, match="num_processes.*one process per listed GPU"):
+        plan_processes(load_config([], gpu_id=[0, 1], num_processes=4), 2)
+    # no CUDA: num_processes decides (0 = one), a GPU list is ignored with a note
+    assert plan_processes(load_config([], num_processes=2), 0) == (2, None)
+    assert plan_processes(load_config([]), 0) == (1, None)
+    count, note = plan_processes(cfg, cuda_devices=0)
+    assert count == 1 and "ignored" in note
+    with pytest.raises(ConfigError, match="num_processes"):
+        plan_processes(load_config([], num_processes=-1), 0)
+
+    assert launched_world_size({}) is None
+    assert launched_world_size({"WORLD_SIZE": "4", "RANK": "1"}) == 4
+    assert launched_world_size({"OMPI_COMM_WORLD_SIZE": "2"}) == 2
+
+
+def test_busy_port_is_a_clear_error(tmp_path, small_data, probe):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = train_args(small_data, tmp_path / "work", "busy", num_processes=2,
+                          main_process_port=port)
+        result = subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True,
+                                text=True, timeout=120, env=cpu_env())
+    assert result.returncode == 2, result.stderr
+    assert f"main_process_port': cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--main_process_port 0" in result.stderr
+
+
+# -- two processes started by pbt itself ------------------------------------------------------
+def test_two_processes_train_as_one(tmp_path, small_data, probe):
+    """``--num_processes 2`` on CPU: sharding by global rank with a reshuffle each epoch,
+    ``sync_bn`` skipped on CPU, exact test metrics over 37 images, files written once by
+    rank 0, and the same LR curve as one process taking as many steps per epoch."""
+    work = tmp_path / "work"
+    args = train_args(small_data, work, "ddp", num_processes=2, main_process_port=0,
+                      sync_bn="true")
+    result = subprocess.run([sys.executable, str(probe), *args], capture_output=True,
+                            text=True, timeout=300, env=cpu_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ready_ranks(result.stdout) == {"0", "1"}
+    assert "starting 2 DDP worker processes on CPU (gloo)" in result.stdout
+    run_dir = work / "ddp"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    records = read_records(probe)
+
+    assert_ranks_split_the_train_set(records, epochs=2)
+    # torch's SyncBatchNorm is GPU-only: on CPU it is skipped with a log line, not a crash
+    assert records[0]["norms"] == records[1]["norms"] == ["BatchNorm2d"]
+
+    # test metrics: every test image once (no padding duplicates), and the count of hits is
+    # what the saved best weights score in a single process
+    best_epoch = summary["best_epoch"]
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["epoch"] == best_epoch
+    tested = summary["history"][best_epoch - 1]["test"]
+    assert tested["count"] == TEST_SIZE
+    correct = single_process_correct(run_dir / "best.pth", small_data[1], best["class_names"])
+    assert correct == tested["correct"]
+    assert summary["best_top1"] == pytest.approx(100.0 * correct / TEST_SIZE)
+
+    # files: no file written by both ranks; rank 1 wrote only its own part of the resumable
+    # state; rank 0 wrote the outputs
+    run = str(run_dir.resolve())
+    assert not set(records[0]["writes"]) & set(records[1]["writes"])
+    theirs = [w for w in records[1]["writes"] if w.startswith(str(work.resolve()))]
+    assert all(w.startswith(os.path.join(run, "checkpoints", "")) for w in theirs), theirs
+    mine = [w for w in records[0]["writes"] if w.startswith(run)]
+    for name in ("train.log", "summary.json", "best.pth", "best.pth.tmp", "last.pth",
+                 "config.yaml"):
+        assert os.path.join(run, name) in mine, name
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and str(events[0].resolve()) in mine
+    assert not list(run_dir.rglob("*.tmp"))
+    log = (run_dir / "train.log").read_text()
+    assert log.count("best test top1") == 1
+    assert log.count("sync_bn: true is ignored on CPU") == 1
+    assert [log.count(f"epoch {e}/2  train_loss") for e in (1, 2)] == [1, 1]
+
+    # LR: one process with twice the batch takes the same 5 steps per epoch -> same curve
+    spec = importlib.util.spec_from_file_location("dist_probe", probe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = load_config(train_args(small_data, work, "one", batch_size=2 * BATCH))
+    single = module.ProbeTrainer(cfg)
+    assert single.steps_per_epoch == TRAIN_SIZE // (2 * BATCH) == 5
+    single_summary = single.run()
+    assert single_summary["global_step"] == summary["global_step"] == 10
+    assert [h["lr"] for h in single_summary["history"]] == [h["lr"] for h in summary["history"]]
+    assert single.probe.lrs == records[0]["lrs"] == records[1]["lrs"]
+    assert len(set(records[0]["lrs"])) >= 9  # warm-up, then cosine from the same peak
+
+
+# -- two "machines" on one host ---------------------------------------------------------------
+def test_two_machines_on_one_host(tmp_path, small_data, probe):
+    """Two ``accelerate launch`` commands, one process each (both local rank 0), train one
+    model together: one summary with world_size 2, and the ranks split the data by global
+    rank (PBT used the local rank, so both "machines" saw the same half)."""
+    port, work = free_port(), tmp_path / "work"
+    args = train_args(small_data, work, "nodes", num_epochs=1)
+    procs = []
+    for machine in (0, 1):
+        command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2",
+                   "--machine_rank", str(machine), "--num_processes", "2",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(probe), *args]
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=cpu_env()))
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert ready_ranks(outputs[0][0]) == {"0"} and ready_ranks(outputs[1][0]) == {"1"}
+    assert [p.name for p in work.iterdir()] == ["nodes"]
+    summary = json.loads((work / "nodes" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["history"][0]["test"]["count"] == TEST_SIZE
+    records = read_records(probe)
+    assert records[0]["local_rank"] == records[1]["local_rank"] == "0"
+    assert_ranks_split_the_train_set(records, epochs=1)
+
+
+# -- a worker dies --------------------------------------------------------------------------
+def test_killed_worker_stops_the_job(tmp_path, small_data, probe):
+    """SIGKILL to rank 1 mid-training: the job ends non-zero within 60 s naming rank 1, and
+    ``last.pth`` is intact."""
+    work = tmp_path / "work"
+    args = train_args(small_data, work, "killed", num_processes=2, main_process_port=0,
+                      num_epochs=100, scheduler="multi-step", num_warn_up=0)
+    proc = subprocess.Popen([sys.executable, str(RECIPE), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cpu_env())
+    pids, seen = {}, []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            match = re.search(r"pbt: rank (\d+)/2 ready \(pid (\d+)", line)
+            if match:
+                pids[int(match[1])] = int(match[2])
+            if "epoch 2/100  train_loss" in line:
+                break
+        assert set(pids) == {0, 1} and (work / "killed" / "last.pth").is_file(), "".join(seen)
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 60
+    assert f"worker rank 1 (pid {pids[1]}) was killed by SIGKILL" in err
+    last = torch.load(work / "killed" / "last.pth", weights_only=True)
+    assert last["epoch"] >= 2 and last["net_type"] == "resnet18"
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_sync_bn_on_two_gpus(tmp_path, small_data, probe):
+    """``--gpu_id 0 1`` without a launcher: one DDP worker per GPU, BatchNorm -> SyncBatchNorm."""
+    args = train_args(small_data, tmp_path / "work", "gpus", gpu_id="0 1", sync_bn="true",
+                      num_epochs=1, main_process_port=0)
+    env = cpu_env()
+    env.pop("CUDA_VISIBLE_DEVICES")
+    result = subprocess.run([sys.executable, str(probe), *args], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ready_ranks(result.stdout) == {"0", "1"} and "GPUs 0,1 (nccl)" in result.stdout
+    summary = json.loads((tmp_path / "work" / "gpus" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    records = read_records(probe)
+    assert records[0]["norms"] == records[1]["norms"] == ["SyncBatchNorm"]
