@@ -2,9 +2,10 @@
 
 A state is a folder ``run_dir/checkpoints/step-<global_step>``. Accelerate's ``save_state``
 writes model, optimizer, grad scaler and RNG files into a temporary sibling folder; pbt adds
-``pbt_state.pt`` (counters, position in the epoch, history, callbacks' state, pruning
-history) and one ``pbt_rng_<rank>.pt`` per process, then a completion mark, and only then
-renames the folder into place. A folder without the mark is never resumed from.
+``pbt_state.pt`` (counters, position in the epoch, history, pruning history) and one
+``pbt_rank_<rank>.pt`` per process (its RNGs and its callbacks' state: running sums differ
+per process), then a completion mark, and only then renames the folder into place. A
+folder without the mark is never resumed from.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dict,
-               keep: int) -> Path:
+               rank_state: dict, keep: int) -> Path:
     """Write a complete state atomically and keep the newest ``keep`` (all processes call)."""
     folder = checkpoints_dir(run_dir)
     final = folder / f"{PREFIX}{global_step:08d}"
@@ -170,7 +171,8 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save(capture_rng(), tmp / f"pbt_rng_{accelerator.process_index}.pt")
+    torch.save({"rng": capture_rng(), **rank_state},
+               tmp / f"pbt_rank_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(pbt_state, tmp / STATE_FILE)
     accelerator.wait_for_everyone()
@@ -198,8 +200,9 @@ def load_pbt_state(state_dir: Path) -> dict:
     return state
 
 
-def load_rng(state_dir: Path, rank: int) -> dict:
-    path = state_dir / f"pbt_rng_{rank}.pt"
+def load_rank_state(state_dir: Path, rank: int) -> dict:
+    """This process's part of a state: ``{"rng": ..., "callbacks": ...}``."""
+    path = state_dir / f"pbt_rank_{rank}.pt"
     if not path.is_file():
         raise ConfigError(f"key 'resume': {str(path)!r} is missing")
     return safe_load(path)

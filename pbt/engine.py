@@ -452,7 +452,7 @@ class EngineTrainer(Engine):
         result = prune_model(model, example, method=cfg.prune_method, ratio=cfg.prune_ratio,
                              round_to=cfg.round_to or None, global_pruning=cfg.prune_global,
                              ignored_layers=cfg.prune_ignore or None,
-                             iterative_steps=cfg.prune_steps)
+                             iterative_steps=cfg.prune_steps, backend=cfg.prune_backend)
         after = {**measure_model(model, example), "top1": self.evaluate_plain(model)}
         self.prune_history = (self.prune_history or []) + result.history  # iterative runs
         self.prune_report = {"method": cfg.prune_method, "ratio": cfg.prune_ratio,
@@ -494,8 +494,6 @@ class EngineTrainer(Engine):
             "global_step": self.global_step, "history": self.history,
             "world_size": self.accelerator.num_processes,
             "seconds": self.seconds_before + time.time() - self.started,
-            "callbacks": {key: cb.state_dict() for key, cb in self.callback_keys().items()
-                          if cb.state_dict()},
             "prune_history": self.prune_history,
             "net_type": self.cfg.get("net_type"),
         }
@@ -512,17 +510,20 @@ class EngineTrainer(Engine):
     def save_resumable(self) -> Path:
         from pbt.checkpoint import save_state
 
+        callbacks = {key: cb.state_dict() for key, cb in self.callback_keys().items()
+                     if cb.state_dict()}
         path = save_state(self.accelerator, self.run_dir, self.global_step, self.pbt_state(),
-                          keep=self.cfg.keep_checkpoints)
+                          {"callbacks": callbacks}, keep=self.cfg.keep_checkpoints)
         return path
 
     def restore(self, saved: dict) -> None:
         """Load model, optimizer, scaler (Accelerate) and pbt's counters, callbacks, RNG."""
-        from pbt.checkpoint import load_rng, restore_rng
+        from pbt.checkpoint import load_rank_state, restore_rng
 
         self.accelerator.load_state(str(self.resume_from))
+        mine = load_rank_state(self.resume_from, self.accelerator.process_index)
         callbacks = self.callback_keys()
-        for key, state in saved["callbacks"].items():
+        for key, state in mine["callbacks"].items():
             if key in callbacks:
                 callbacks[key].load_state_dict(state)
             else:
@@ -533,7 +534,7 @@ class EngineTrainer(Engine):
         self.prune_history = saved.get("prune_history")
         self.start_epoch, self.skip_batches = saved["epoch"], saved["batches_done"]
         self.batch_idx = self.skip_batches
-        restore_rng(load_rng(self.resume_from, self.accelerator.process_index))
+        restore_rng(mine["rng"])
         self.log(f"resumed from {self.resume_from}: epoch {self.start_epoch + 1}, "
                  f"batch {self.skip_batches}, global step {self.global_step}")
 

@@ -418,3 +418,80 @@ def test_sync_bn_on_two_gpus(tmp_path, small_data, probe):
     assert summary["world_size"] == 2
     records = read_records(probe)
     assert records[0]["norms"] == records[1]["norms"] == ["SyncBatchNorm"]
+
+
+# -- resume of a 2-process run, and resampling across ranks ----------------------------------
+TINY = Path(__file__).parent / "train_tiny.py"
+
+
+def train_tiny_2p(cwd: Path, run_name: str, *args: str, signal_at: str | None = None,
+                  processes: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PBT_SIGNAL_AT")}
+    env.update(CUDA_VISIBLE_DEVICES="", **({"PBT_SIGNAL_AT": signal_at} if signal_at else {}))
+    command = [sys.executable, str(TINY), "--work_dir", "w", "--run_name", run_name,
+               "--num_processes", str(processes), "--main_process_port", "0",
+               "--num_epochs", "3", "--batch_size", "4", "--num_workers", "0",
+               "--progress", "false", "--lr", "0.05", "--num_warn_up", "1", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer):
+    straight = train_tiny_2p(tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert ready_ranks(straight.stdout) == {"0", "1"}
+    crashed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2",
+                            signal_at="2,3,KILL,1")  # rank 1 dies in epoch 2
+    assert crashed.returncode != 0 and "rank 1" in crashed.stderr
+    run_dir = tmp_path / "w" / "crashed"
+    resumed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and ready_ranks(resumed.stdout) == {"0", "1"}
+    a = torch.load(tmp_path / "w" / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(run_dir / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary_a = json.loads((tmp_path / "w" / "straight" / "summary.json").read_text())
+    summary_b = json.loads((run_dir / "summary.json").read_text())
+    assert summary_b["world_size"] == 2 and summary_a["history"] == summary_b["history"]
+
+    # the same state with one process: refused, nothing changed
+    from conftest import tiny_cfg
+
+    before = sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    with pytest.raises(ConfigError, match="saved by 2 processes and this run has 1"):
+        tiny_trainer(tiny_cfg(tmp_path, work_dir=str(tmp_path / "w"), resume=str(run_dir)))
+    assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+
+def test_resampling_across_two_ranks(tmp_path, probe, small_data):
+    """resample: sqrt with 2 processes: the ranks load disjoint shares of one epoch draw whose
+    class histogram is the mode's target."""
+    from pbt.data import ResampleSampler, build_dataset
+
+    train = tmp_path / "imbalanced"
+    sizes = {"0": 2, "1": 4, "2": 6, "3": 12, "4": 16}  # 40 images
+    source = small_data[0].parent.parent / "digits" / "train"
+    for name, size in sizes.items():
+        (train / name).mkdir(parents=True)
+        for file in sorted((source / name).iterdir())[:size]:
+            shutil.copy(file, train / name / file.name)
+    test = tmp_path / "test"
+    for name in sizes:
+        shutil.copytree(small_data[1] / name, test / name)
+    args = train_args((train, test), tmp_path / "work", "resample", resample="sqrt",
+                      num_epochs=1, main_process_port=0, num_processes=2)
+    result = subprocess.run([sys.executable, str(probe), *args], capture_output=True,
+                            text=True, timeout=300, env=cpu_env())
+    assert result.returncode == 0, result.stderr
+    assert ready_ranks(result.stdout) == {"0", "1"}
+    records = read_records(probe)
+    targets = build_dataset(str(train)).targets
+    draw = ResampleSampler(targets, "sqrt", seed=0).epoch_draw(0)
+    loaded = records[0]["seen"]["0"] + records[1]["seen"]["0"]
+    assert len(records[0]["seen"]["0"]) == len(records[1]["seen"]["0"]) == len(draw) // 2
+    assert sorted(loaded) == sorted(draw)  # disjoint shares: together exactly the draw
+    histogram = {c: sum(targets[i] == c for i in loaded) for c in range(5)}
+    quotas = ResampleSampler(targets, "sqrt", seed=0).quotas
+    assert histogram == {c: quotas[c] for c in range(5)}
+    assert histogram[0] > 2 and histogram[4] < 16  # small classes up, the large one down

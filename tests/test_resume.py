@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,9 +22,14 @@ BASE = ["--num_epochs", "3", "--batch_size", "8", "--progress", "false", "--lr",
         "--milestones", "2", "--num_warn_up", "1"]
 
 
-def train_tiny(cwd: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+def train_tiny(cwd: Path, *args: str, expect: int = 0,
+               signal_at: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PBT_SIGNAL_AT", None)
+    if signal_at:
+        env["PBT_SIGNAL_AT"] = signal_at
     result = subprocess.run([sys.executable, str(SCRIPT), "--work_dir", "w", *BASE, *args],
-                            cwd=cwd, capture_output=True, text=True, timeout=300)
+                            cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == expect, result.stdout + result.stderr
     return result
 
@@ -53,7 +59,7 @@ def epoch_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, workers):
     train_tiny(tmp_path, "--run_name", "straight", "--num_workers", workers)
     crashed = train_tiny(tmp_path, "--run_name", "crashed", "--num_workers", workers,
-                         "--save_steps", "2", "--signal_at", "2", "4", "KILL", expect=-9)
+                         "--save_steps", "2", signal_at="2,4,KILL", expect=-9)
     run_dir = tmp_path / "w" / "crashed"
     steps = [int(p.name.split("-")[1]) for p in complete_states(run_dir)]
     assert steps == [6, 8], crashed.stdout  # a mid-epoch state of epoch 2 exists
@@ -68,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, workers):
 def test_sigterm_saves_state_and_resume_is_exact(tmp_path):
     train_tiny(tmp_path, "--run_name", "straight", "--num_workers", "0")
     stopped = train_tiny(tmp_path, "--run_name", "pre", "--num_workers", "0",
-                         "--signal_at", "2", "2", "TERM", expect=128 + signal.SIGTERM)
+                         signal_at="2,2,TERM", expect=128 + signal.SIGTERM)
     run_dir = tmp_path / "w" / "pre"
     assert "SIGTERM" in stopped.stderr and f"--resume {run_dir.relative_to(tmp_path)}" \
         in stopped.stderr.replace(str(tmp_path) + "/", "")

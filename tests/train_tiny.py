@@ -1,9 +1,10 @@
-"""A tiny real training run as a script, for tests that kill or signal a process.
+"""A tiny real training run as a script, for tests that kill, signal or spread a process.
 
-    python tests/train_tiny.py [pbt flags] [--signal_at EPOCH BATCH SIGNAL]
+    python tests/train_tiny.py [pbt flags, e.g. --num_processes 2]
 
-``--signal_at`` makes the run send itself SIGNAL (KILL, TERM, INT) after that batch
-(1-based epoch and batch), which is how the tests crash or preempt it at a known point.
+With ``PBT_SIGNAL_AT=EPOCH,BATCH,SIGNAL[,RANK]`` the run (or that rank) sends itself SIGNAL
+(KILL, TERM, INT) after that batch (1-based), which is how tests crash or preempt it at a
+known point.
 """
 
 from __future__ import annotations
@@ -18,26 +19,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_trainer_class  # noqa: E402
 
 from pbt.callbacks import Callback  # noqa: E402
-from pbt.config import parse_config  # noqa: E402
+from pbt.config import Config, parse_config  # noqa: E402
 from pbt.engine import launch  # noqa: E402
 
 
 class SignalAt(Callback):
-    def __init__(self, epoch: int, batch: int, signame: str) -> None:
-        self.epoch, self.batch, self.signum = epoch, batch, getattr(signal, "SIG" + signame)
+    def __init__(self, spec: str) -> None:
+        epoch, batch, name, *rank = spec.split(",")
+        self.at, self.signum = (int(epoch), int(batch)), getattr(signal, "SIG" + name)
+        self.rank = int(rank[0]) if rank else None
 
     def on_batch_end(self, engine, logs):
-        if (engine.epoch + 1, engine.batch_idx + 1) == (self.epoch, self.batch):
+        mine = self.rank is None or self.rank == engine.accelerator.process_index
+        if mine and (engine.epoch + 1, engine.batch_idx + 1) == self.at:
             os.kill(os.getpid(), self.signum)
 
 
+def main(cfg: Config) -> dict:
+    spec = os.environ.get("PBT_SIGNAL_AT")
+    return tiny_trainer_class()(cfg, [SignalAt(spec)] if spec else []).run()
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    extra = []
-    if "--signal_at" in argv:
-        at = argv.index("--signal_at")
-        epoch, batch, signame = argv[at + 1: at + 4]
-        extra.append(SignalAt(int(epoch), int(batch), signame))
-        del argv[at: at + 4]
-    cfg = parse_config(argv)
-    launch(lambda cfg: tiny_trainer_class()(cfg, extra).run(), cfg)
+    launch(main, parse_config())
