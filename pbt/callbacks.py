@@ -329,16 +329,34 @@ class ModelCheckpoint(Callback):
             self.best, self.best_epoch = value, engine.epoch + 1
         if not engine.is_main_process:
             return
-        if is_best:
-            save_weights(engine, self.run_dir / "best.pth", metric=value)
         if self.save_last:
             save_weights(engine, self.run_dir / "last.pth", metric=value)
+        if is_best and self.save_last:  # the same bytes: link, do not write them twice
+            link_atomic(self.run_dir / "last.pth", self.run_dir / "best.pth")
+        elif is_best:
+            save_weights(engine, self.run_dir / "best.pth", metric=value)
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+def link_atomic(source: Any, target: Any) -> None:
+    """Make ``target`` a hard link to ``source`` by an atomic rename (copy where links
+    are not supported). Replacing ``source`` later leaves ``target`` untouched."""
+    import os
+    import shutil
+
+    tmp = f"{target}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def save_weights(engine: Any, path: Any, metric: float | None = None) -> None:

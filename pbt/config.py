@@ -232,6 +232,15 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"key {key!r} has value {cfg[key]!r}; expected an integer >= 1")
     if not 0.0 < cfg.prune_ratio < 1.0:
         raise ConfigError(f"key 'prune_ratio' has value {cfg.prune_ratio!r}; expected 0 < r < 1")
+    if cfg.use_prune and cfg.prune_backend == "nni":
+        import importlib.util
+
+        if cfg.prune_global:
+            raise ConfigError("key 'prune_global' is true, but prune_backend 'nni' prunes per "
+                              "layer only; use prune_backend 'torch-pruning' for global pruning")
+        if importlib.util.find_spec("nni") is None:
+            raise ConfigError("key 'prune_backend' is 'nni', which is not installed; install "
+                              'the extra with: pip install -e ".[nni]"')
     if cfg.lr <= 0:
         raise ConfigError(f"key 'lr' has value {cfg.lr!r}; expected a positive number")
     for key in ("train_data", "test_data"):

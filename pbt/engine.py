@@ -455,7 +455,8 @@ class EngineTrainer(Engine):
                              iterative_steps=cfg.prune_steps, backend=cfg.prune_backend)
         after = {**measure_model(model, example), "top1": self.evaluate_plain(model)}
         self.prune_history = (self.prune_history or []) + result.history  # iterative runs
-        self.prune_report = {"method": cfg.prune_method, "ratio": cfg.prune_ratio,
+        self.prune_report = {"method": cfg.prune_method, "backend": cfg.prune_backend,
+                             "ratio": cfg.prune_ratio,
                              "round_to": cfg.round_to, "global": cfg.prune_global,
                              "input_size": list(cfg.input_size),
                              "before_pruning": before, "after_pruning": after}

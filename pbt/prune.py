@@ -5,6 +5,10 @@ median) and ``slim`` (Network Slimming: BatchNorm scale |gamma|, after BN-sparsi
 with :class:`SlimRegularizer`). torch-pruning's dependency graph keeps coupled layers
 (residual adds, depthwise convs, BatchNorms) consistent.
 
+``backend="nni"`` (optional extra ``pip install -e ".[nni]"``) lets NNI 3.0's pruners choose
+the channels; torch-pruning still removes them, so the result and its history are the same
+kind as with the default backend (see :func:`_nni_prune`).
+
 Typical use, before ``accelerator.prepare`` and before the optimizer is built::
 
     result = prune_model(model, torch.randn(1, 3, 224, 224), method="l1", ratio=0.5)
@@ -34,6 +38,7 @@ from torch import nn
 from pbt.callbacks import Callback
 
 PRUNE_METHODS = ("l1", "l2", "fpgm", "slim")
+PRUNE_BACKENDS = ("torch-pruning", "nni")
 
 # BN scales whose relative spread (std / mean of |gamma|) is below this were never pushed
 # apart by sparsity training, so ranking channels by them is arbitrary.
@@ -65,6 +70,7 @@ class PruneResult:
     macs_before: int
     macs_after: int
     history: list[list] = field(default_factory=list)
+    backend: str = "torch-pruning"
 
     @property
     def params_ratio(self) -> float:
@@ -213,6 +219,7 @@ def prune_model(
     global_pruning: bool = False,
     ignored_layers: Sequence[str | nn.Module] | None = None,
     iterative_steps: int = 1,
+    backend: str = "torch-pruning",
 ) -> PruneResult:
     """Prune ``model`` in place and report what changed.
 
@@ -221,10 +228,25 @@ def prune_model(
     ``(1 - ratio) ** 2``. The classifier (last ``nn.Linear``) is never pruned;
     ``ignored_layers`` (module names) protects more. ``round_to`` keeps channel counts at
     multiples of it, which fast kernels prefer. Build the optimizer after this call.
+    ``backend="nni"`` has NNI's pruner of the same name choose the channels (see
+    :func:`_nni_prune`); it needs the ``nni`` extra and does not do ``global_pruning``.
     """
     import torch_pruning as tp
 
     _check_args(method, ratio, round_to, iterative_steps)
+    if backend not in PRUNE_BACKENDS:
+        raise _config_error(
+            f"prune_backend: unknown backend {backend!r}; valid ones are "
+            f"{', '.join(PRUNE_BACKENDS)}"
+        )
+    if backend == "nni":
+        if global_pruning:
+            raise _config_error(
+                "prune_global: true is not supported with prune_backend 'nni' (NNI cannot rank "
+                "channels shared by coupled layers across the whole network); use "
+                "prune_backend 'torch-pruning' or prune_global: false"
+            )
+        nni_pruner = _nni_pruner(method)  # fails here, before the model is touched
     ignored = _resolve_layers(model, ignored_layers)
     classifier = find_classifier(model)
     if classifier is not None and classifier not in ignored:
@@ -249,20 +271,33 @@ def prune_model(
         model.eval()  # tracing runs a forward pass: keep BatchNorm running stats untouched
         shapes_before = _output_shapes(model, example_inputs)
         with torch.enable_grad():  # the dependency graph is traced through autograd
-            pruner = tp.pruner.MetaPruner(
-                model,
-                example_inputs,
-                importance=_importance(method),
-                pruning_ratio=float(ratio),
-                global_pruning=global_pruning,
-                iterative_steps=iterative_steps,
-                ignored_layers=[modules[name] for name in ignored],
-                round_to=round_to,
-            )
-            # torch-pruning skips a group whose every channel is selected (global ranking),
-            # so no layer is ever removed entirely.
-            for _ in range(iterative_steps):
-                pruner.step()
+            if backend == "nni":
+                history = _nni_prune(
+                    model,
+                    example_inputs,
+                    nni_pruner,
+                    on_bn=method == "slim",
+                    ratio=float(ratio),
+                    round_to=round_to,
+                    iterative_steps=iterative_steps,
+                    ignored=[modules[name] for name in ignored],
+                )
+            else:
+                pruner = tp.pruner.MetaPruner(
+                    model,
+                    example_inputs,
+                    importance=_importance(method),
+                    pruning_ratio=float(ratio),
+                    global_pruning=global_pruning,
+                    iterative_steps=iterative_steps,
+                    ignored_layers=[modules[name] for name in ignored],
+                    round_to=round_to,
+                )
+                # torch-pruning skips a group whose every channel is selected (global
+                # ranking), so no layer is ever removed entirely.
+                for _ in range(iterative_steps):
+                    pruner.step()
+                history = pruner.pruning_history()
         shapes_after = _output_shapes(model, example_inputs)
         params_after, macs_after = count_params_and_macs(model, example_inputs)
     finally:
@@ -283,8 +318,118 @@ def prune_model(
         params_after=params_after,
         macs_before=macs_before,
         macs_after=macs_after,
-        history=_plain_history(pruner.pruning_history()),
+        history=_plain_history(history),
+        backend=backend,
     )
+
+
+def _nni_pruner(method: str) -> type:
+    """NNI 3.0's pruner class for ``method``, or a ConfigError saying how to install it."""
+    try:
+        from nni.compression.pruning import FPGMPruner, L1NormPruner, L2NormPruner
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "nni":
+            raise _config_error(
+                "prune_backend: 'nni' needs NNI, which is not installed; install the extra "
+                "with: pip install -e \".[nni]\"  (or: pip install \"pbt[nni]\")"
+            ) from None
+        raise _config_error(
+            f"prune_backend: 'nni' is installed but fails to import: {exc}"
+        ) from exc
+    # slim: NNI's SlimPruner trains its own scale factors inside NNI's training loop; pbt
+    # trains the BatchNorm scales themselves (SlimRegularizer), so rank those by |gamma|,
+    # which is NNI's L1-norm pruner applied to the BatchNorm weights.
+    return {"l1": L1NormPruner, "l2": L2NormPruner, "fpgm": FPGMPruner, "slim": L1NormPruner}[
+        method
+    ]
+
+
+def _nni_masks(pruner_cls: type, model: nn.Module, config_list: list[dict]) -> dict:
+    """NNI's masks ``{module_name: {"weight": mask}}``, computed on a copy of ``model``."""
+    shadow = copy.deepcopy(model)  # NNI wraps modules in place; never leave ``model`` wrapped
+    pruner = pruner_cls(shadow, config_list)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    return masks
+
+
+def _nni_prune(
+    model: nn.Module,
+    example_inputs: Any,
+    pruner_cls: type,
+    on_bn: bool,
+    ratio: float,
+    round_to: int | None,
+    iterative_steps: int,
+    ignored: list[nn.Module],
+) -> list:
+    """NNI chooses the channels (masks); torch-pruning's dependency graph removes them.
+
+    NNI 3.0's own ``ModelSpeedup`` fails in its tracer on current PyTorch; given an fx graph
+    it runs, but drops a residual channel only where every coupled layer's mask agrees (so
+    little goes) and leaves no replayable history. So every group of coupled channels
+    found by torch-pruning (a conv with its BatchNorm, the depthwise conv after it, all
+    convs feeding one residual add) becomes one NNI ``dependency_group_id``: NNI ranks the
+    group's channels once, by its members' mean metric (conv filters, or BatchNorm |gamma|
+    when ``on_bn``). A channel is kept if any member's mask keeps it, and torch-pruning
+    removes the rest from every coupled layer, recording the usual replayable history.
+    Each group keeps ``int(channels * (1 - ratio))`` rounded down to ``round_to``, as with
+    torch-pruning.
+    """
+    import torch_pruning as tp
+
+    target_type = nn.modules.batchnorm._BatchNorm if on_bn else nn.Conv2d
+    names = {module: name for name, module in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    initial: dict[str, int] = {}  # group root -> channels before the first step
+    for step in range(1, iterative_steps + 1):
+        config_list, plans = [], []
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d,)):
+            root = group[0].dep.target.module
+            channels = graph.get_out_channels(root)
+            members: dict[str, list[int]] = {}  # member -> its channel for each root channel
+            for dep, idxs in group:
+                module = dep.target.module
+                if (
+                    isinstance(module, target_type)
+                    and module in names
+                    and graph.is_out_channel_pruning_fn(dep.handler)
+                ):
+                    members.setdefault(names[module], [int(i) for i in idxs])
+            if not members:
+                continue
+            start = initial.setdefault(names[root], channels)
+            keep = int(start * (1 - ratio * step / iterative_steps))
+            if round_to:
+                keep -= keep % round_to
+            keep = max(keep, min(round_to or 1, channels))
+            if keep >= channels:
+                continue
+            # NNI masks int(n * sparse_ratio) channels; the half keeps float error off the count
+            setting = {
+                "target_names": ["weight"],
+                "sparse_ratio": (channels - keep + 0.5) / channels,
+            }
+            if all(idxs == list(range(channels)) for idxs in members.values()):
+                group_id = {"dependency_group_id": names[root]} if len(members) > 1 else {}
+                config_list.append({"op_names": sorted(members), **setting, **group_id})
+            else:  # members index the channels differently: NNI cannot share one ranking
+                config_list.extend({"op_names": [name], **setting} for name in members)
+            plans.append((root, channels, members))
+        if not plans:
+            break
+        masks = _nni_masks(pruner_cls, model, config_list)
+        for root, channels, members in plans:
+            kept = torch.zeros(channels, dtype=torch.bool)
+            for name, idxs in members.items():
+                mask = masks[name]["weight"]
+                member_kept = mask.reshape(mask.shape[0], -1).ne(0).any(dim=1).cpu()
+                kept |= member_kept[idxs]
+            remove = (~kept).nonzero().flatten().tolist()
+            if remove:
+                pruner = graph.get_pruner_of_module(root)
+                graph.get_pruning_group(root, pruner.prune_out_channels, remove).prune()
+    return graph.pruning_history()
 
 
 def _plain_history(history: Sequence) -> list[list]:
