@@ -291,11 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
-    """Resolve defaults < YAML < command line < ``overrides``; raise ConfigError if bad."""
+def load_config(argv: list[str] | None = None, default_file: str | Path | None = None,
+                **overrides: Any) -> Config:
+    """Resolve defaults < YAML < command line < ``overrides``; raise ConfigError if bad.
+
+    ``default_file`` is the YAML used when the command line names none (a recipe's own).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if default_file is not None and getattr(args, "config_file", None) is None:
+        args.config_file = str(default_file)
     for token in unknown:
         if token.startswith("-"):
             name = token.lstrip("-").split("=")[0]
@@ -331,10 +337,11 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     return cfg
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
+def parse_config(argv: list[str] | None = None,
+                 default_file: str | Path | None = None) -> Config:
     """Command-line entry: like :func:`load_config`, but a bad input exits with one message."""
     try:
-        return load_config(argv)
+        return load_config(argv, default_file)
     except ConfigError as err:
         print(f"pbt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -3,6 +3,8 @@
     accelerate launch recipes/classification.py                   # digits, no download
     accelerate launch recipes/classification.py -c my.yaml --lr 0.05
 
+Without ``-c`` the config is ``classification.yaml`` beside this file.
+
 With no ``train_data`` / ``test_data`` it trains on scikit-learn's bundled digits, written
 once as PNG files into an ImageFolder tree and loaded like any user's data.
 """
@@ -88,4 +90,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    launch(main, parse_config())
+    # classification.yaml beside this file is the recipe's default config; -c replaces it
+    launch(main, parse_config(default_file=Path(__file__).with_suffix(".yaml")))
