@@ -315,7 +315,7 @@ def test_two_processes_train_as_one(tmp_path, small_data, probe):
     theirs = [w for w in records[1]["writes"] if w.startswith(str(work.resolve()))]
     assert all(w.startswith(os.path.join(run, "checkpoints", "")) for w in theirs), theirs
     mine = [w for w in records[0]["writes"] if w.startswith(run)]
-    for name in ("train.log", "summary.json", "best.pth", "best.pth.tmp", "last.pth",
+    for name in ("train.log", "summary.json", "best.pth", "last.pth.tmp", "last.pth",
                  "config.yaml"):
         assert os.path.join(run, name) in mine, name
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
