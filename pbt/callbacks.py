@@ -307,6 +307,8 @@ class ModelCheckpoint(Callback):
     ``last.pth`` every epoch; main process only; weights of the unwrapped model.
 
     Files are written to a temporary name and renamed, so a crash never leaves half a file.
+    The weights are copied at epoch end and written by a background thread while the next
+    epoch trains; ``join()`` waits for it (``run()`` does, also when training fails).
     """
 
     def __init__(self, run_dir: Any, monitor: str = "test/top1", mode: str = "max",
@@ -316,6 +318,8 @@ class ModelCheckpoint(Callback):
         self.run_dir, self.monitor, self.mode, self.save_last = run_dir, monitor, mode, save_last
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.writer: Any = None  # the background thread of the last save
+        self.write_error: BaseException | None = None
 
     def improved(self, value: float) -> bool:
         if self.best is None:
@@ -323,18 +327,42 @@ class ModelCheckpoint(Callback):
         return value > self.best if self.mode == "max" else value < self.best
 
     def on_epoch_end(self, engine: Any, logs: dict) -> None:
+        import threading
+
         value = read_metric(logs, self.monitor)
         is_best = value is not None and self.improved(value)
         if is_best:
             self.best, self.best_epoch = value, engine.epoch + 1
-        if not engine.is_main_process:
+        if not engine.is_main_process or not (is_best or self.save_last):
             return
-        if self.save_last:
-            save_weights(engine, self.run_dir / "last.pth", metric=value)
-        if is_best and self.save_last:  # the same bytes: link, do not write them twice
-            link_atomic(self.run_dir / "last.pth", self.run_dir / "best.pth")
-        elif is_best:
-            save_weights(engine, self.run_dir / "best.pth", metric=value)
+        self.join()
+        state = weights_state(engine, metric=value)
+        self.writer = threading.Thread(target=self._write, args=(state, is_best),
+                                       name="pbt-checkpoint")
+        self.writer.start()
+
+    def _write(self, state: dict, is_best: bool) -> None:
+        try:
+            if self.save_last:
+                write_atomic(state, self.run_dir / "last.pth")
+            if is_best and self.save_last:  # the same bytes: link, do not write them twice
+                link_atomic(self.run_dir / "last.pth", self.run_dir / "best.pth")
+            elif is_best:
+                write_atomic(state, self.run_dir / "best.pth")
+        except BaseException as err:  # re-raised in the training thread by join()
+            self.write_error = err
+
+    def join(self) -> None:
+        """Wait until the files of the last epoch are on disk; raise if writing failed."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+        if self.write_error is not None:
+            error, self.write_error = self.write_error, None
+            raise error
+
+    def on_train_end(self, engine: Any, logs: dict) -> None:
+        self.join()
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -359,15 +387,13 @@ def link_atomic(source: Any, target: Any) -> None:
     os.replace(tmp, target)
 
 
-def save_weights(engine: Any, path: Any, metric: float | None = None) -> None:
-    """A plain weights file (loads with ``weights_only=True``) with what rebuilds the net."""
-    import os
-
-    import torch
-
+def weights_state(engine: Any, metric: float | None = None) -> dict:
+    """A plain weights checkpoint (loads with ``weights_only=True``) with what rebuilds the
+    net; tensors are copies, so training may go on while it is written."""
     cfg = engine.cfg
     state = {
-        "model": {k: v.detach().cpu() for k, v in engine.unwrapped_model.state_dict().items()},
+        "model": {k: v.detach().to("cpu", copy=True)
+                  for k, v in engine.unwrapped_model.state_dict().items()},
         "net_type": cfg.get("net_type"),
         "num_classes": getattr(engine, "num_classes", None),
         "class_names": getattr(engine, "class_names", None),
@@ -379,6 +405,15 @@ def save_weights(engine: Any, path: Any, metric: float | None = None) -> None:
     history = getattr(engine, "prune_history", None)
     if history is not None:
         state["prune_history"] = history
+    return state
+
+
+def write_atomic(state: dict, path: Any) -> None:
+    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
+    import os
+
+    import torch
+
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

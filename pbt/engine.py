@@ -681,8 +681,13 @@ class EngineTrainer(Engine):
             self.test_epoch()
             self.history.append({"epoch": 0, "test": dict(self.logs["test"])})
             return self.write_summary()
-        with self.stop_on_signals():
-            self.loop()
+        try:
+            with self.stop_on_signals():
+                self.loop()
+        finally:  # files being written in the background reach the disk, even on failure
+            for callback in self.callbacks:
+                if hasattr(callback, "join"):
+                    callback.join()
         self.write_prune_report()
         return self.write_summary()
 
