@@ -78,33 +78,33 @@ def find_resume(resume: str, work_dir: Path, run_prefix: str) -> tuple[Path, Pat
     return path, state
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; a file that needs pickled code is refused."""
+def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; a file that needs pickled code is refused.
+
+    ``numpy_arrays`` also allows the numpy types of Accelerate's RNG files; ``key`` names
+    the config key in the error.
+    """
     try:
+        if numpy_arrays:
+            from accelerate.utils import load as accelerate_load
+
+            return accelerate_load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or ["unreadable"])[0]
         raise ConfigError(
-            f"{str(path)!r} does not load with torch.load(weights_only=True) and is refused "
-            f"(pbt never runs pickled code from a checkpoint): {first}"
+            f"{key + ': ' if key else ''}{str(path)!r} does not load with "
+            f"torch.load(weights_only=True) and is refused (pbt never runs pickled code from "
+            f"a checkpoint): {first}"
         ) from None
 
 
 def verify_state_files(state_dir: Path) -> None:
     """Every pickle-format file of a state must load as plain data before Accelerate
     (which reads some with ``weights_only=False``) touches it."""
-    from accelerate.utils import load as accelerate_load
-
     for path in sorted(state_dir.iterdir()):
         if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
-            try:
-                accelerate_load(path, map_location="cpu", weights_only=True)
-            except Exception as err:
-                first = (str(err).strip().splitlines() or ["unreadable"])[0]
-                raise ConfigError(
-                    f"key 'resume': {str(path)!r} does not load as plain tensors and is "
-                    f"refused (no pickled code is ever run): {first}"
-                ) from None
+            safe_load(path, key="key 'resume'", numpy_arrays=True)
 
 
 def check_model_fits(state_dir: Path, model: torch.nn.Module) -> None:

@@ -65,7 +65,11 @@ def test_prune_every_backbone_and_method(net_type, method, tmp_path):
     assert sum(after.values()) < 0.55 * sum(before.values())
     assert all(c % 8 == 0 for c in after.values())
 
-    # round trip through a weights_only file onto a freshly built, unpruned network
+    assert_weights_only_round_trip(model, result, net_type, x, out, tmp_path)
+
+
+def assert_weights_only_round_trip(model, result, net_type, x, out, tmp_path) -> None:
+    """Round trip through a weights_only file onto a freshly built, unpruned network."""
     path = tmp_path / "pruned.pth"
     torch.save({"model": model.state_dict(), "prune_history": result.history}, path)
     saved = torch.load(path, weights_only=True)

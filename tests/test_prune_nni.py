@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_prune import assert_weights_only_round_trip
 from torch import nn
 
 from pbt.config import ConfigError
@@ -86,14 +87,7 @@ def test_nni_backend_shrinks_like_torch_pruning_and_reloads(net_type, method, tm
     assert all(c.out_channels % 8 == 0 for c in convs)
 
     # the same weights_only checkpoint round trip as the default backend
-    path = tmp_path / "pruned.pth"
-    torch.save({"model": model.state_dict(), "prune_history": result.history}, path)
-    saved = torch.load(path, weights_only=True)
-    rebuilt = build_model(net_type, num_classes=7)
-    apply_prune_history(rebuilt, torch.randn(1, 3, 32, 32), saved["prune_history"])
-    rebuilt.load_state_dict(saved["model"])
-    with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(X), out)
+    assert_weights_only_round_trip(model, result, net_type, X, out, tmp_path)
 
 
 @pytest.mark.parametrize("method", PRUNE_METHODS)
