@@ -107,10 +107,6 @@ class LossesRecorder(Callback):
     def __init__(self) -> None:
         self.means = {"train": _Mean(), "test": _Mean()}
 
-    def on_epoch_begin(self, engine: Any, logs: dict) -> None:
-        if engine.batch_idx == 0 or not self.means["train"].count:
-            self.means["train"] = _Mean()
-
     def on_train_summary(self, engine: Any, logs: dict) -> None:
         self.means["train"].add(float(engine.loss.detach()), _batch_size(engine))
 
@@ -438,10 +434,9 @@ class ProgressBar(Callback):
     def on_batch_end(self, engine: Any, logs: dict) -> None:
         if not engine.is_main_process:
             return
-        loss = float(engine.loss.detach())
         if self.bar is not None:
             self.bar.update(1)
-            postfix = {"loss": f"{loss:.4f}", "lr": f"{engine.lr:.3g}"}
+            postfix = {"loss": f"{float(engine.loss.detach()):.4f}", "lr": f"{engine.lr:.3g}"}
             outputs, targets = engine.outputs, engine.targets
             if hasattr(outputs, "argmax") and outputs.ndim == 2 and targets is not None:
                 accuracy = (outputs.detach().argmax(1) == targets).float().mean()
@@ -450,7 +445,7 @@ class ProgressBar(Callback):
         elif engine.accelerator.sync_gradients and engine.global_step % self.log_freq == 0:
             engine.log(f"epoch {engine.epoch + 1}/{engine.num_epochs} step {engine.global_step} "
                        f"batch {engine.batch_idx + 1}/{len(engine.train_loader)} "
-                       f"loss {loss:.4f} lr {engine.lr:.5g}")
+                       f"loss {float(engine.loss.detach()):.4f} lr {engine.lr:.5g}")
 
     def on_test_begin(self, engine: Any, logs: dict) -> None:
         if self.bar is not None:

@@ -93,9 +93,9 @@ def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
     except Exception as err:
         first = (str(err).strip().splitlines() or ["unreadable"])[0]
         raise ConfigError(
-            f"{key + ': ' if key else ''}{str(path)!r} does not load with "
-            f"torch.load(weights_only=True) and is refused (pbt never runs pickled code from "
-            f"a checkpoint): {first}"
+            f"{key + ': ' if key else ''}{str(path)!r} is not a file that loads with "
+            f"torch.load(weights_only=True) (files that need pickled code are refused; pbt "
+            f"never runs code from a checkpoint): {first}"
         ) from None
 
 

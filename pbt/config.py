@@ -360,10 +360,3 @@ def default_run_name(cfg: Config, stamp: str) -> str:
     width, height = cfg.input_size
     return f"{cfg.net_type}_{width}_{height}_{cfg.loss_type}_{stamp}"
 
-
-def make_run_dir(cfg: Config, stamp: str) -> Path:
-    """Create ``work_dir/run_name`` (or the PBT-style name) and return it."""
-    name = cfg.run_name or default_run_name(cfg, stamp)
-    run_dir = Path(cfg.work_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir

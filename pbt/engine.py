@@ -178,7 +178,6 @@ class Engine:
                 "train": dict(self.logs["train"]), "test": dict(self.logs["test"]),
             })
             self.fire("on_epoch_end")
-            self.batches_done = 0
             self.after_epoch()
             if self.stop_training:
                 break
@@ -488,15 +487,15 @@ class EngineTrainer(Engine):
         self.log("prune report: " + json.dumps(report))
 
     # -- resumable states -----------------------------------------------------------------
-    def pbt_state(self) -> dict:
-        """pbt's own part of a resumable state (plain data only)."""
+    def pbt_state(self, epoch: int, batches_done: int) -> dict:
+        """pbt's own part of a resumable state (plain data only); training goes on at
+        ``epoch`` after ``batches_done`` of its batches."""
         return {
-            "epoch": self.epoch, "batches_done": self.batches_done,
+            "epoch": epoch, "batches_done": batches_done,
             "global_step": self.global_step, "history": self.history,
             "world_size": self.accelerator.num_processes,
             "seconds": self.seconds_before + time.time() - self.started,
             "prune_history": self.prune_history,
-            "net_type": self.cfg.get("net_type"),
         }
 
     def callback_keys(self) -> dict[str, Callback]:
@@ -508,14 +507,14 @@ class EngineTrainer(Engine):
             keys[f"{name}#{count}"] = callback
         return keys
 
-    def save_resumable(self) -> Path:
+    def save_resumable(self, epoch: int, batches_done: int) -> Path:
         from pbt.checkpoint import save_state
 
-        callbacks = {key: cb.state_dict() for key, cb in self.callback_keys().items()
-                     if cb.state_dict()}
-        path = save_state(self.accelerator, self.run_dir, self.global_step, self.pbt_state(),
-                          {"callbacks": callbacks}, keep=self.cfg.keep_checkpoints)
-        return path
+        callbacks = {key: state for key, cb in self.callback_keys().items()
+                     if (state := cb.state_dict())}
+        return save_state(self.accelerator, self.run_dir, self.global_step,
+                          self.pbt_state(epoch, batches_done), {"callbacks": callbacks},
+                          keep=self.cfg.keep_checkpoints)
 
     def restore(self, saved: dict) -> None:
         """Load model, optimizer, scaler (Accelerate) and pbt's counters, callbacks, RNG."""
@@ -534,7 +533,6 @@ class EngineTrainer(Engine):
         self.seconds_before = saved["seconds"]
         self.prune_history = saved.get("prune_history")
         self.start_epoch, self.skip_batches = saved["epoch"], saved["batches_done"]
-        self.batch_idx = self.skip_batches
         restore_rng(mine["rng"])
         self.log(f"resumed from {self.resume_from}: epoch {self.start_epoch + 1}, "
                  f"batch {self.skip_batches}, global step {self.global_step}")
@@ -546,17 +544,13 @@ class EngineTrainer(Engine):
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         save_steps = self.cfg.get("save_steps") or 0
         if stop or (save_steps and self.global_step % save_steps == 0):
-            self.save_resumable()
+            self.save_resumable(self.epoch, self.batches_done)
         if stop:
             signum = self.stop_signal or 15
             raise Preempted(signum, self.run_dir)
 
     def after_epoch(self) -> None:
-        self.epoch += 1  # the state says "next: epoch + 1, batch 0"
-        try:
-            self.save_resumable()
-        finally:
-            self.epoch -= 1
+        self.save_resumable(self.epoch + 1, 0)
 
     def build_train_loader(self, cfg: Config) -> DataLoader:
         raise NotImplementedError("build_train_loader not implemented")
@@ -576,14 +570,12 @@ class EngineTrainer(Engine):
         from pbt.checkpoint import safe_load
         from pbt.models import load_weights
 
-        try:
-            saved = safe_load(Path(path))
-        except ConfigError:
-            saved = None  # load_weights below says what is wrong, naming the key
+        key = "finetune" if isinstance(self.cfg.get("finetune"), str) else "model_file"
+        saved = safe_load(Path(path), key=key)
         if isinstance(saved, dict) and saved.get("prune_history"):
             self.rebuild_pruned(model, saved["prune_history"])
         finetune = bool(self.cfg.get("finetune"))
-        skipped = load_weights(model, path, strict=not finetune)
+        skipped = load_weights(model, path, strict=not finetune, key=key, loaded=saved)
         self.log(f"loaded weights from {path}" + (
             f"; skipped {len(skipped)} keys that do not fit: {', '.join(skipped)}"
             if skipped else ""))

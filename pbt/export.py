@@ -59,17 +59,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
 
     Returns ``(model, checkpoint_dict)``; nothing pickled is executed.
     """
+    from pbt.checkpoint import safe_load
     from pbt.models import build_model
     from pbt.prune import apply_prune_history
 
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt zip, pickled code, not a torch file
-        raise _config_error(
-            f"checkpoint: {str(path)!r} does not load with torch.load(weights_only=True): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+    ckpt = safe_load(path, key="checkpoint")
     if not isinstance(ckpt, dict):
         raise _config_error(f"checkpoint: {str(path)!r} holds a {type(ckpt).__name__}, not a dict")
     for key in REQUIRED_KEYS:

@@ -7,6 +7,7 @@ and ``num_classes`` are enough to rebuild its network in a new process.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,27 +37,24 @@ def build_model(net_type: str, num_classes: int, pretrained: str | None = None) 
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = False,
-                 key: str = "model_file") -> list[str]:
+                 key: str = "model_file", loaded: Any = None) -> list[str]:
     """Load a weights file into ``model`` by name and shape; return the keys skipped.
 
     Accepts pbt checkpoints, a bare state_dict, ``{"model": ...}`` / ``{"state_dict": ...}``
     and ``module.``-prefixed keys (PBT's DataParallel files). Only plain tensors are read
     (``weights_only=True``). ``strict`` turns a missing key or a shape mismatch into an
-    error naming the first such key and both shapes.
+    error naming the first such key and both shapes. ``loaded`` is the file's content
+    when the caller has already read it.
     """
+    from pbt.checkpoint import safe_load
     from pbt.config import ConfigError
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: weight file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled code, corrupt zip, not a torch file at all
-        first = (str(err).strip().splitlines() or ["unreadable"])[0]
-        raise ConfigError(
-            f"{key}: {str(path)!r} is not a weights file that loads with "
-            f"torch.load(weights_only=True) (files that need pickled code are refused): {first}"
-        ) from None
+    if loaded is None:
+        if not path.is_file():
+            raise ConfigError(f"{key}: weight file {str(path)!r} does not exist")
+        loaded = safe_load(path, key=key)
+    state = loaded
     if isinstance(state, dict):
         for wrapper in ("model", "state_dict"):
             if isinstance(state.get(wrapper), dict):

@@ -102,10 +102,9 @@ def test_unknown_net_type_lists_valid_ones(tmp_path):
     assert "resnet19" in result.stderr and "mobilenet_v2" in result.stderr
 
 
-def test_pretrained_local_file(tmp_path, digits_run):
+def test_pretrained_local_file(tmp_path):
     import torchvision
 
-    cwd, _ = digits_run
     imagenet_like = torchvision.models.resnet18(num_classes=1000).state_dict()
     weights = tmp_path / "resnet18_local.pth"
     torch.save(imagenet_like, weights)
