@@ -368,6 +368,18 @@ def test_two_machines_on_one_host(tmp_path, small_data, probe):
 
 
 # -- a worker dies --------------------------------------------------------------------------
+def wait_for_saved_epoch(path: Path, epoch: int, proc: subprocess.Popen) -> int:
+    """Poll ``path`` until it holds weights of ``epoch`` or later; returns the saved epoch."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)["epoch"]
+            if saved >= epoch:
+                return saved
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never held epoch {epoch} (process exit code {proc.poll()})")
+
+
 def test_killed_worker_stops_the_job(tmp_path, small_data, probe):
     """SIGKILL to rank 1 mid-training: the job ends non-zero within 60 s naming rank 1, and
     ``last.pth`` is intact."""
@@ -385,7 +397,9 @@ def test_killed_worker_stops_the_job(tmp_path, small_data, probe):
                 pids[int(match[1])] = int(match[2])
             if "epoch 2/100  train_loss" in line:
                 break
-        assert set(pids) == {0, 1} and (work / "killed" / "last.pth").is_file(), "".join(seen)
+        assert set(pids) == {0, 1}, "".join(seen)
+        # ModelCheckpoint writes in a background thread: wait until epoch 2's weights are in.
+        saved_epoch = wait_for_saved_epoch(work / "killed" / "last.pth", 2, proc)
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
         _, err = proc.communicate(timeout=60)
@@ -398,7 +412,7 @@ def test_killed_worker_stops_the_job(tmp_path, small_data, probe):
     assert elapsed < 60
     assert f"worker rank 1 (pid {pids[1]}) was killed by SIGKILL" in err
     last = torch.load(work / "killed" / "last.pth", weights_only=True)
-    assert last["epoch"] >= 2 and last["net_type"] == "resnet18"
+    assert last["epoch"] >= saved_epoch >= 2 and last["net_type"] == "resnet18"
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
