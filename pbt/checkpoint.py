@@ -181,7 +181,7 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
             mark.write(f"{global_step}\n")
             mark.flush()
             os.fsync(mark.fileno())
-        if final.exists():  # the same step saved again (e.g. epoch end right after save_steps)
+        if final.exists():  # a state of this step is there already: the new one replaces it
             shutil.rmtree(final)
         tmp.rename(final)
         for old in complete_states(run_dir)[:-keep]:

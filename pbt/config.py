@@ -268,6 +268,11 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    for key in data:
+        if key not in SCHEMA:
+            raise ConfigError(
+                f"config file {str(path)!r}: unknown key {key!r}; " + nearest_key(key, list(SCHEMA))
+            )
     return data
 
 
@@ -315,17 +320,8 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
     config_file = typed.pop("config_file", None)
     if config_file:
         for key, value in read_yaml(config_file).items():
-            if key not in SCHEMA:
-                raise ConfigError(
-                    f"config file {config_file!r}: unknown key {key!r}; "
-                    + nearest_key(key, list(SCHEMA))
-                )
             cfg[key] = _coerce(key, value, f"config file {config_file!r}")
     for key, value in typed.items():
-        if isinstance(value, list) and SCHEMA[key][0].rstrip("?") not in (
-            "paths", "int_list", "float_list", "str_list"
-        ):
-            value = value[0]
         cfg[key] = _coerce(key, value, "command line")
     for key, value in overrides.items():
         if key not in SCHEMA:

@@ -24,18 +24,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pbt.config import ConfigError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm", ".pbm")
 RESAMPLE_MODES = ("none", "mean", "sqrt", "log")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED = 20  # errors named one by one in a message; the rest are counted
-
-
-def _config_error(message: str) -> Exception:
-    from pbt.config import ConfigError
-
-    return ConfigError(message)
 
 
 def _join_errors(header: str, errors: list[str]) -> str:
@@ -121,7 +117,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     try:
         return decode_image_bytes(Path(path).read_bytes())
     except Exception as err:
-        raise _config_error(f"cannot load image {str(path)!r}: {_reason(err)}") from None
+        raise ConfigError(f"cannot load image {str(path)!r}: {_reason(err)}") from None
 
 
 def _reason(err: BaseException) -> str:
@@ -182,7 +178,7 @@ def _folder_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
                          if entry.is_dir() and not _is_hidden(entry.name)),
                         key=lambda entry: entry.name)
     if not class_dirs:
-        raise _config_error(
+        raise ConfigError(
             f"data source {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
     classes, samples = [], []
     for entry in class_dirs:
@@ -192,7 +188,7 @@ def _folder_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
                          if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS))
         if not found:
-            raise _config_error(
+            raise ConfigError(
                 f"class folder {entry.path!r} holds no images "
                 f"(extensions: {', '.join(IMG_EXTENSIONS)})")
         classes.append(entry.name)
@@ -208,12 +204,12 @@ def _read_class_names(path: Path) -> list[str]:
         if not name or name.startswith("#"):
             continue
         if name in seen:
-            raise _config_error(
+            raise ConfigError(
                 f"{path}:{number}: class {name!r} is listed twice (first on line {seen[name]})")
         seen[name] = number
         names.append(name)
     if not names:
-        raise _config_error(f"{path}: class name file lists no classes")
+        raise ConfigError(f"{path}: class name file lists no classes")
     return names
 
 
@@ -232,7 +228,7 @@ def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
     try:
         text = list_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise _config_error(f"cannot read list file {str(list_file)!r}: {_reason(err)}") from None
+        raise ConfigError(f"cannot read list file {str(list_file)!r}: {_reason(err)}") from None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -251,9 +247,9 @@ def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
             label = path.parent.name
         entries.append((number, str(path), label))
     if errors:
-        raise _config_error(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
+        raise ConfigError(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
     if not entries:
-        raise _config_error(f"list file {str(list_file)!r} lists no images")
+        raise ConfigError(f"list file {str(list_file)!r} lists no images")
 
     if declared is not None:
         classes = declared
@@ -277,7 +273,7 @@ def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
             continue
         samples.append((path, label))
     if errors:
-        raise _config_error(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
+        raise ConfigError(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
     return classes, samples
 
 
@@ -325,33 +321,33 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not isinstance(sources, Sequence) or not sources:
-        raise _config_error(f"{key}: no data source given (got {sources!r})")
+        raise ConfigError(f"{key}: no data source given (got {sources!r})")
     if class_names is not None and len(set(class_names)) != len(class_names):
-        raise _config_error(f"{key}: class_names has duplicates: {class_names!r}")
+        raise ConfigError(f"{key}: class_names has duplicates: {class_names!r}")
 
     classes: list[str] = list(class_names) if class_names is not None else []
     index = {name: i for i, name in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     for source in sources:
         if not isinstance(source, (str, Path)) or not str(source):
-            raise _config_error(f"{key}: data source {source!r} is not a path")
+            raise ConfigError(f"{key}: data source {source!r} is not a path")
         path = Path(source).expanduser()
         if path.is_dir():
             source_classes, source_samples = _folder_source(path)
         elif path.is_file() and path.suffix.lower() == ".txt":
             source_classes, source_samples = _list_source(path)
         elif path.exists():
-            raise _config_error(
+            raise ConfigError(
                 f"{key}: data source {str(path)!r} is neither a folder nor a .txt list file")
         else:
-            raise _config_error(f"{key}: data source {str(path)!r} does not exist")
+            raise ConfigError(f"{key}: data source {str(path)!r} does not exist")
         used = {name for _, name in source_samples}
         for name in source_classes:
             if name not in index:
                 if class_names is not None:
                     if name not in used:
                         continue  # declared by class_name.txt but has no images here
-                    raise _config_error(
+                    raise ConfigError(
                         f"{key}: class {name!r} from data source {str(path)!r} is not one "
                         f"of the training classes ({', '.join(class_names)})")
                 index[name] = len(classes)
@@ -361,7 +357,7 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
     if check_images or skip_bad_images:
         bad = scan_images([file for file, _ in samples])
         if bad and not skip_bad_images:
-            raise _config_error(_join_errors(
+            raise ConfigError(_join_errors(
                 f"{key}: {len(bad)} bad image(s) (set skip_bad_images to drop them):",
                 [f"{file}: {reason}" for file, reason in bad.items()]))
         if bad:
@@ -369,7 +365,7 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
                           f"e.g. {next(iter(bad))}", stacklevel=2)
             samples = [(file, label) for file, label in samples if file not in bad]
             if not samples:
-                raise _config_error(f"{key}: every image in {list(map(str, sources))} is bad")
+                raise ConfigError(f"{key}: every image in {list(map(str, sources))} is bad")
     return ImageDataset(samples, classes, transform)
 
 
@@ -387,13 +383,13 @@ def build_transforms(input_size: Sequence[int], rgb_mean: Sequence[float],
     from torchvision.transforms import v2
 
     if (len(input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in input_size)):
-        raise _config_error(f"input_size: {list(input_size)!r} is not [W, H] positive integers")
+        raise ConfigError(f"input_size: {list(input_size)!r} is not [W, H] positive integers")
     for name, values in (("rgb_mean", rgb_mean), ("rgb_std", rgb_std)):
         if len(values) != 3 or not all(0 <= float(v) <= 1 for v in values):
-            raise _config_error(
+            raise ConfigError(
                 f"{name}: {list(values)!r} must be 3 numbers on the 0..1 scale (e.g. 0.5)")
     if min(float(v) for v in rgb_std) <= 0:
-        raise _config_error(f"rgb_std: {list(rgb_std)!r} must be > 0")
+        raise ConfigError(f"rgb_std: {list(rgb_std)!r} must be > 0")
     width, height = input_size
     tail = [v2.ToDtype(torch.float32, scale=True),
             v2.Normalize([float(v) for v in rgb_mean], [float(v) for v in rgb_std])]
@@ -440,13 +436,13 @@ class ResampleSampler(Sampler[int]):
     def __init__(self, targets: Sequence[int], mode: str = "none", seed: int = 0,
                  num_replicas: int = 1, rank: int = 0) -> None:
         if mode not in RESAMPLE_MODES:
-            raise _config_error(
+            raise ConfigError(
                 f"resample: unknown mode {mode!r}; valid ones are {', '.join(RESAMPLE_MODES)}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.targets = np.asarray(targets, dtype=np.int64)
         if self.targets.ndim != 1 or len(self.targets) == 0:
-            raise _config_error("resample: the dataset has no labelled samples")
+            raise ConfigError("resample: the dataset has no labelled samples")
         self.mode, self.seed, self.epoch = mode, int(seed), 0
         self.num_replicas, self.rank = num_replicas, rank
         self.num_samples = math.ceil(len(self.targets) / num_replicas)
@@ -484,14 +480,15 @@ class ResampleSampler(Sampler[int]):
         return self.num_samples
 
 
-def default_num_workers() -> int:
-    """DataLoader workers for this machine: the CPUs this process may use, minus one for
-    the training loop, at most 8."""
+def default_num_workers(num_processes: int = 1) -> int:
+    """DataLoader workers per process: this machine's usable CPUs shared among the
+    ``num_processes`` training processes on it, minus one each for the training loop, at
+    most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus - 1))
+    return max(0, min(8, cpus // max(num_processes, 1) - 1))
 
 
 # -- the embedded dataset ------------------------------------------------------------------
@@ -521,7 +518,7 @@ def materialise_digits(root: str | Path, seed: int = 0,
     process) and interrupted runs never leave a half-written tree; complete trees are kept.
     """
     if not 0 < test_fraction < 1:
-        raise _config_error(f"test_fraction: {test_fraction!r} must be between 0 and 1")
+        raise ConfigError(f"test_fraction: {test_fraction!r} must be between 0 and 1")
     from PIL import Image
 
     root = Path(root)
@@ -534,7 +531,7 @@ def materialise_digits(root: str | Path, seed: int = 0,
         if not tree.exists():
             return False
         if _tree_files(tree) != expected[split]:
-            raise _config_error(
+            raise ConfigError(
                 f"digits: {str(tree)!r} exists but is not the digits {split} split for "
                 f"seed={seed}, test_fraction={test_fraction}; remove it or choose another root")
         return True

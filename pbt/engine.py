@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -543,7 +544,9 @@ class EngineTrainer(Engine):
             flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         save_steps = self.cfg.get("save_steps") or 0
-        if stop or (save_steps and self.global_step % save_steps == 0):
+        # the last step of an epoch is saved by after_epoch, with the epoch's test results
+        epoch_end = self.batches_done == len(self.train_loader)
+        if stop or (save_steps and self.global_step % save_steps == 0 and not epoch_end):
             self.save_resumable(self.epoch, self.batches_done)
         if stop:
             signum = self.stop_signal or 15
@@ -591,9 +594,11 @@ class EngineTrainer(Engine):
             sampler = ShuffleSampler(len(dataset), cfg.seed, shuffle=train)  # type: ignore[arg-type]
         workers = cfg.num_workers
         if workers is None:
-            import os
+            from pbt.data import default_num_workers
 
-            workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+            # processes on this machine (torchrun and accelerate launch set LOCAL_WORLD_SIZE)
+            local = os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes
+            workers = default_num_workers(int(local))
         return DataLoader(
             SeededDataset(dataset, cfg.seed),
             batch_size=cfg.batch_size,
@@ -801,8 +806,6 @@ def launch(main: Callable[[Config], Any], cfg: Config | None = None) -> Any:
     whatever ``distributed`` says (pbt has no DataParallel mode). When a worker dies the
     others are stopped and the job exits non-zero, naming the failed rank.
     """
-    import os
-
     try:
         if cfg is None:
             cfg = load_config()
@@ -878,7 +881,6 @@ def plan_processes(cfg: Config, cuda_devices: int) -> tuple[int, str | None]:
 
 def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
     """``main(cfg)`` in this process; with several processes each says it is up first."""
-    import os
     import socket
 
     world = launched_world_size(os.environ) or 1
@@ -901,7 +903,6 @@ def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
 def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: int) -> Any:
     """Start ``num_processes`` workers on this machine (torch elastic, no restarts) and
     return rank 0's result; any failed worker stops them all and exits non-zero."""
-    import os
     import shutil
     import uuid
 

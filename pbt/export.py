@@ -22,14 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pbt.config import ConfigError
+
 INSTALL_HINT = 'ONNX export needs the optional extra: pip install -e ".[export]"'
 REQUIRED_KEYS = ("model", "net_type", "num_classes")
-
-
-def _config_error(message: str) -> Exception:
-    from pbt.config import ConfigError
-
-    return ConfigError(message)
 
 
 def require_onnx() -> None:
@@ -48,9 +44,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for name in ("best.pth", "last.pth"):
             if (path / name).is_file():
                 return path / name
-        raise _config_error(f"checkpoint: run dir {str(path)!r} has neither best.pth nor last.pth")
+        raise ConfigError(f"checkpoint: run dir {str(path)!r} has neither best.pth nor last.pth")
     if not path.is_file():
-        raise _config_error(f"checkpoint: {str(path)!r} does not exist")
+        raise ConfigError(f"checkpoint: {str(path)!r} does not exist")
     return path
 
 
@@ -66,17 +62,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     path = resolve_checkpoint(path)
     ckpt = safe_load(path, key="checkpoint")
     if not isinstance(ckpt, dict):
-        raise _config_error(f"checkpoint: {str(path)!r} holds a {type(ckpt).__name__}, not a dict")
+        raise ConfigError(f"checkpoint: {str(path)!r} holds a {type(ckpt).__name__}, not a dict")
     for key in REQUIRED_KEYS:
         if key not in ckpt:
-            raise _config_error(f"checkpoint: {str(path)!r} has no {key!r} entry")
+            raise ConfigError(f"checkpoint: {str(path)!r} has no {key!r} entry")
     num_classes = ckpt["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise _config_error(
+        raise ConfigError(
             f"checkpoint: {str(path)!r} has num_classes {num_classes!r}, not a positive integer"
         )
     if not isinstance(ckpt["model"], dict):
-        raise _config_error(f"checkpoint: {str(path)!r} 'model' entry is not a state_dict")
+        raise ConfigError(f"checkpoint: {str(path)!r} 'model' entry is not a state_dict")
     model = build_model(ckpt["net_type"], num_classes)
     if ckpt.get("prune_history"):
         apply_prune_history(model, example_input(ckpt), ckpt["prune_history"])
@@ -84,7 +80,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise _config_error(
+        raise ConfigError(
             f"checkpoint: {str(path)!r} weights do not fit {ckpt['net_type']}: "
             f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
         ) from None
@@ -101,7 +97,7 @@ def example_input(
         or len(size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
     ):
-        raise _config_error(f"input_size: {size!r} must be two positive integers [W, H]")
+        raise ConfigError(f"input_size: {size!r} must be two positive integers [W, H]")
     width, height = size
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch, 3, height, width, generator=generator)
@@ -193,7 +189,7 @@ def export_onnx(
     """
     require_onnx()
     if runs < 1:
-        raise _config_error(f"runs: {runs!r} must be >= 1")
+        raise ConfigError(f"runs: {runs!r} must be >= 1")
     ckpt_path = resolve_checkpoint(checkpoint)
     model, ckpt = load_checkpoint(ckpt_path)
     x = example_input(ckpt, input_size)
@@ -226,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("W", "H"))
     parser.add_argument("--runs", type=int, default=30, help="timed runs for the latency")
     args = parser.parse_args(argv)
-    from pbt.config import ConfigError
-
     try:
         require_onnx()
     except ImportError as err:

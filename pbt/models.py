@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pbt.config import ConfigError
+
 NET_TYPES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
 
 
@@ -25,8 +27,6 @@ def build_model(net_type: str, num_classes: int, pretrained: str | None = None) 
     import torchvision
 
     if net_type not in NET_TYPES:
-        from pbt.config import ConfigError
-
         raise ConfigError(
             f"net_type: unknown network {net_type!r}; valid ones are {', '.join(NET_TYPES)}"
         )
@@ -47,7 +47,6 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False,
     when the caller has already read it.
     """
     from pbt.checkpoint import safe_load
-    from pbt.config import ConfigError
 
     path = Path(path)
     if loaded is None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pbt.callbacks import Callback
+from pbt.config import ConfigError
 
 PRUNE_METHODS = ("l1", "l2", "fpgm", "slim")
 PRUNE_BACKENDS = ("torch-pruning", "nni")
@@ -43,12 +44,6 @@ PRUNE_BACKENDS = ("torch-pruning", "nni")
 # BN scales whose relative spread (std / mean of |gamma|) is below this were never pushed
 # apart by sparsity training, so ranking channels by them is arbitrary.
 _SLIM_MIN_SPREAD = 0.05
-
-
-def _config_error(message: str) -> Exception:
-    from pbt.config import ConfigError
-
-    return ConfigError(message)
 
 
 @dataclass
@@ -120,21 +115,21 @@ def _check_args(
     method: str, ratio: float, round_to: int | None, iterative_steps: int
 ) -> None:
     if method not in PRUNE_METHODS:
-        raise _config_error(
+        raise ConfigError(
             f"prune_method: unknown method {method!r}; valid ones are {', '.join(PRUNE_METHODS)}"
         )
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise _config_error(
+        raise ConfigError(
             f"prune_ratio: {ratio!r} is not a fraction of channels to remove in [0, 1)"
         )
     if round_to is not None and (
         isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
     ):
-        raise _config_error(f"round_to: {round_to!r} must be a positive integer or None")
+        raise ConfigError(f"round_to: {round_to!r} must be a positive integer or None")
     if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or (
         iterative_steps < 1
     ):
-        raise _config_error(f"iterative_steps: {iterative_steps!r} must be an integer >= 1")
+        raise ConfigError(f"iterative_steps: {iterative_steps!r} must be an integer >= 1")
 
 
 def _resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module] | None) -> list[str]:
@@ -145,7 +140,7 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module] | None) 
     for layer in layers or ():
         if isinstance(layer, nn.Module):
             if id(layer) not in by_module:
-                raise _config_error(
+                raise ConfigError(
                     f"ignored_layers: module {type(layer).__name__} is not part of the model"
                 )
             resolved.append(by_module[id(layer)])
@@ -154,7 +149,7 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module] | None) 
         else:
             close = difflib.get_close_matches(str(layer), [n for n in names if n], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _config_error(f"ignored_layers: no module named {layer!r} in the model{hint}")
+            raise ConfigError(f"ignored_layers: no module named {layer!r} in the model{hint}")
     return resolved
 
 
@@ -235,13 +230,13 @@ def prune_model(
 
     _check_args(method, ratio, round_to, iterative_steps)
     if backend not in PRUNE_BACKENDS:
-        raise _config_error(
+        raise ConfigError(
             f"prune_backend: unknown backend {backend!r}; valid ones are "
             f"{', '.join(PRUNE_BACKENDS)}"
         )
     if backend == "nni":
         if global_pruning:
-            raise _config_error(
+            raise ConfigError(
                 "prune_global: true is not supported with prune_backend 'nni' (NNI cannot rank "
                 "channels shared by coupled layers across the whole network); use "
                 "prune_backend 'torch-pruning' or prune_global: false"
@@ -303,7 +298,7 @@ def prune_model(
     finally:
         model.train(training)
     if shapes_after != shapes_before:
-        raise _config_error(
+        raise ConfigError(
             f"prune_model: pruning changed the output shape {shapes_before} -> {shapes_after}; "
             "add the output layer to ignored_layers"
         )
@@ -329,11 +324,11 @@ def _nni_pruner(method: str) -> type:
         from nni.compression.pruning import FPGMPruner, L1NormPruner, L2NormPruner
     except ImportError as exc:
         if exc.name is not None and exc.name.split(".")[0] == "nni":
-            raise _config_error(
+            raise ConfigError(
                 "prune_backend: 'nni' needs NNI, which is not installed; install the extra "
                 "with: pip install -e \".[nni]\"  (or: pip install \"pbt[nni]\")"
             ) from None
-        raise _config_error(
+        raise ConfigError(
             f"prune_backend: 'nni' is installed but fails to import: {exc}"
         ) from exc
     # slim: NNI's SlimPruner trains its own scale factors inside NNI's training loop; pbt
@@ -450,10 +445,10 @@ def apply_prune_history(
 
     if isinstance(history, dict):
         if "history" not in history:
-            raise _config_error("prune_history: dict has no 'history' entry")
+            raise ConfigError("prune_history: dict has no 'history' entry")
         history = history["history"]
     if not isinstance(history, (list, tuple)):
-        raise _config_error(
+        raise ConfigError(
             f"prune_history: expected a list of [module_name, is_out, indices], "
             f"got {type(history).__name__}"
         )
@@ -468,11 +463,11 @@ def apply_prune_history(
             and all(isinstance(j, int) and not isinstance(j, bool) for j in entry[2])
         )
         if not ok:
-            raise _config_error(
+            raise ConfigError(
                 f"prune_history[{i}]: {str(entry)[:80]!r} is not [module_name, is_out, indices]"
             )
         if entry[0] not in modules:
-            raise _config_error(
+            raise ConfigError(
                 f"prune_history[{i}]: the model has no module {entry[0]!r} "
                 "(was the checkpoint made from another net_type?)"
             )
@@ -491,7 +486,7 @@ def apply_prune_history(
                 if channels is None or len(set(idxs)) != len(idxs) or not all(
                     0 <= j < channels for j in idxs
                 ) or len(idxs) >= channels:
-                    raise _config_error(
+                    raise ConfigError(
                         f"prune_history[{i}]: indices for {name!r} do not fit its {channels} "
                         "channels (was it saved from another net_type or num_classes?)"
                     )
@@ -508,7 +503,7 @@ def measure_model(model: nn.Module, example_inputs: torch.Tensor, runs: int = 30
     torch's thread count are left as they were.
     """
     if runs < 1:
-        raise _config_error(f"measure_model: runs must be >= 1, got {runs!r}")
+        raise ConfigError(f"measure_model: runs must be >= 1, got {runs!r}")
     cpu_model = copy.deepcopy(model).cpu().eval()
     x = example_inputs[:1].detach().cpu()
     params, macs = count_params_and_macs(cpu_model, x)
@@ -540,7 +535,7 @@ class SlimRegularizer(Callback):
 
     def __init__(self, slim_reg: float = 1e-4) -> None:
         if isinstance(slim_reg, bool) or not isinstance(slim_reg, (int, float)) or slim_reg < 0:
-            raise _config_error(f"slim_reg: {slim_reg!r} must be a number >= 0")
+            raise ConfigError(f"slim_reg: {slim_reg!r} must be a number >= 0")
         self.slim_reg = float(slim_reg)
 
     def on_after_backward(self, engine: Any, logs: dict) -> None:

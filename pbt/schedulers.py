@@ -347,7 +347,7 @@ def plot_lr(cfg: Mapping[str, Any], path: str | Path, steps_per_epoch: int,
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pbt.schedulers -c cfg.yaml --plot lr.png [--steps-per-epoch N]``."""
-    from pbt.config import SCHEMA, nearest_key, read_yaml
+    from pbt.config import read_yaml
 
     parser = argparse.ArgumentParser(
         prog="python -m pbt.schedulers",
@@ -365,14 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--steps-per-epoch {args.steps_per_epoch}; expected >= 1")
         cfg = dict(DEFAULTS)
         if args.config_file:
-            # read_yaml's own errors already name the file.
-            for key, value in read_yaml(args.config_file).items():
-                if key not in SCHEMA:
-                    raise ConfigError(
-                        f"config file {args.config_file!r}: unknown key {key!r}; "
-                        + nearest_key(key, list(SCHEMA))
-                    )
-                cfg[key] = value
+            cfg.update(read_yaml(args.config_file))  # its errors name the file and key
         names = args.scheduler or cfg["scheduler"]
         try:
             for name in names if isinstance(names, list) else [names]:

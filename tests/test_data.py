@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections import Counter
@@ -291,9 +292,15 @@ def test_dataloader_batches(tmp_path):
     assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
 
 
-def test_default_num_workers():
-    workers = default_num_workers()
-    assert isinstance(workers, int) and 0 <= workers <= 8
+def test_default_num_workers_never_oversubscribes():
+    cpus = len(os.sched_getaffinity(0))
+    for processes in (1, 2, 3, 64):
+        workers = default_num_workers(processes)
+        assert isinstance(workers, int) and 0 <= workers <= 8
+        if processes <= cpus:  # each process: its loop plus its workers fit its share
+            assert processes * (workers + 1) <= cpus
+    if cpus >= 2:
+        assert default_num_workers(1) >= 1
 
 
 # -- resampling ----------------------------------------------------------------------------

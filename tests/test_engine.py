@@ -225,3 +225,20 @@ def test_clip_grad_norm_limits_the_update(tmp_path, tiny_trainer):
     trainer.run()
     after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     assert 0 < float((after - before).norm()) <= 1.0 * 1e-3 + 1e-7
+
+
+def test_epoch_end_state_is_saved_once(tmp_path, tiny_trainer):
+    """``save_steps`` landing on an epoch's last step: one state (the epoch-end one, which
+    holds the test results), not a mid-epoch save of the same step first."""
+    saves = []
+
+    class SaveSpy(tiny_trainer):
+        def save_resumable(self, epoch, batches_done):
+            saves.append((epoch, batches_done, self.global_step))
+            return super().save_resumable(epoch, batches_done)
+
+    SaveSpy(tiny_cfg(tmp_path, num_epochs=2, save_steps=5), train_size=40).run()  # 5 steps/epoch
+    assert saves == [(1, 0, 5), (2, 0, 10)]
+    saves.clear()
+    SaveSpy(tiny_cfg(tmp_path, run_name="two", num_epochs=2, save_steps=2), train_size=40).run()
+    assert saves == [(0, 2, 2), (0, 4, 4), (1, 0, 5), (1, 1, 6), (1, 3, 8), (2, 0, 10)]
