@@ -1,9 +1,9 @@
 """Callbacks: one small base class, and built-in callbacks that each do one thing.
 
-Every hook receives the engine (its state: ``epoch``, ``global_step``, ``batch_idx``,
-``model``, ``unwrapped_model``, ``optimizer``, ``accelerator``, ``cfg``, ``lr``, and the
-current step's ``inputs``, ``targets``, ``outputs``, ``losses``, ``loss``) and the run's
-``logs`` dict (``logs["train"]``, ``logs["test"]``, ``logs["lr"]``).
+Hooks have PBT's (Keras's) signatures, so PBT callbacks port unchanged. Before
+``on_train_begin`` the engine sets ``self.trainer`` (its state: ``epoch``, ``global_step``,
+``batch_idx``, ``accelerator``, ``optimizer``, ``cfg``, ``lr``, ``targets``, ``loss``, ...)
+and ``self.model`` (the model being trained, as Keras's ``self.model``).
 """
 
 from __future__ import annotations
@@ -14,45 +14,61 @@ from typing import Any
 class Callback:
     """Base class. Override the hooks you need; all of them do nothing by default.
 
-    Hook order (names kept from PBT)::
+    Hook order (PBT's)::
 
-        on_train_begin
+        on_train_begin(logs)
         for epoch:
-            on_epoch_begin
-            for batch in train: on_batch_begin -> run_step -> [on_after_backward]
-                                -> on_train_summary -> on_batch_end
-            on_test_begin
-            for batch in test:  run_step (no grad) -> on_test_summary
-            on_test_end
-            on_epoch_end
-        on_train_end
+            on_epoch_begin(epoch, logs)
+            for batch in train:
+                on_batch_begin(batch, logs) -> run_step -> [on_after_backward(batch, logs)]
+                -> on_train_summary(inputs, outputs, losses, epoch, batch, logs)
+                -> on_batch_end(batch, logs)
+            on_test_begin(logs)
+            for batch in test:  run_step (no grad)
+                -> on_test_summary(inputs, outputs, losses, epoch, batch, logs)
+            on_test_end(logs)
+            on_epoch_end(epoch, logs)
+        on_train_end(logs)
 
-    ``on_after_backward`` runs between backward and the optimizer step, on every
-    micro-batch (e.g. to add a sparsity gradient). ``state_dict`` / ``load_state_dict``
-    let a callback's state travel in resumable checkpoints.
+    ``epoch`` and ``batch`` count from 0. ``on_after_backward`` runs between backward and
+    the optimizer step, on every micro-batch. ``state_dict`` / ``load_state_dict`` let a
+    callback's state travel in resumable checkpoints (plain data: numbers, strings,
+    tensors, numpy values, and lists / dicts of them).
     """
 
-    def on_train_begin(self, engine: Any, logs: dict) -> None: ...
+    trainer: Any = None
+    model: Any = None
 
-    def on_epoch_begin(self, engine: Any, logs: dict) -> None: ...
+    def set_trainer(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.set_model(trainer.model)
 
-    def on_batch_begin(self, engine: Any, logs: dict) -> None: ...
+    def set_model(self, model: Any) -> None:
+        self.model = model
 
-    def on_after_backward(self, engine: Any, logs: dict) -> None: ...
+    def on_train_begin(self, logs: dict) -> None: ...
 
-    def on_train_summary(self, engine: Any, logs: dict) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict) -> None: ...
 
-    def on_batch_end(self, engine: Any, logs: dict) -> None: ...
+    def on_batch_begin(self, batch: int, logs: dict) -> None: ...
 
-    def on_test_begin(self, engine: Any, logs: dict) -> None: ...
+    def on_after_backward(self, batch: int, logs: dict) -> None: ...
 
-    def on_test_summary(self, engine: Any, logs: dict) -> None: ...
+    def on_train_summary(self, inputs: Any, outputs: Any, losses: Any, epoch: int, batch: int,
+                         logs: dict) -> None: ...
 
-    def on_test_end(self, engine: Any, logs: dict) -> None: ...
+    def on_batch_end(self, batch: int, logs: dict) -> None: ...
 
-    def on_epoch_end(self, engine: Any, logs: dict) -> None: ...
+    def on_test_begin(self, logs: dict) -> None: ...
 
-    def on_train_end(self, engine: Any, logs: dict) -> None: ...
+    def on_test_summary(self, inputs: Any, outputs: Any, losses: Any, epoch: int, batch: int,
+                        logs: dict) -> None: ...
+
+    def on_test_end(self, logs: dict) -> None: ...
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None: ...
+
+    def on_train_end(self, logs: dict) -> None: ...
 
     def state_dict(self) -> dict:
         return {}
@@ -76,6 +92,39 @@ def read_metric(logs: dict, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def summarize(history: list[dict], monitor: str, mode: str) -> dict:
+    """The monitored metric over a run's per-epoch history (best, its epoch, last) and the
+    last test metrics; for classifiers also PBT users' best / last top-1."""
+    tested = [entry for entry in history if read_metric(entry, monitor) is not None]
+    pick = max if mode == "max" else min
+    best = pick(tested, key=lambda entry: read_metric(entry, monitor)) if tested else None
+    summary = {
+        "monitor": monitor, "mode": mode,
+        "best": read_metric(best, monitor) if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "last": read_metric(tested[-1], monitor) if tested else None,
+        "test": dict(history[-1].get("test", {})) if history else {},
+        "epochs": history[-1]["epoch"] if history else 0,
+    }
+    top1 = [entry["test"]["top1"] for entry in history if "top1" in entry.get("test", {})]
+    if top1:
+        summary["best_top1"], summary["last_top1"] = max(top1), top1[-1]
+    return summary
+
+
+def require_metric(logs: dict, key: str, who: str) -> float:
+    """The value of ``key``; a ConfigError listing the logged metrics when there is none."""
+    from pbt.config import ConfigError
+
+    value = read_metric(logs, key)
+    if value is None:
+        logged = [f"{phase}/{name}" for phase in ("train", "test")
+                  for name, v in logs.get(phase, {}).items() if isinstance(v, (int, float))]
+        raise ConfigError(f"key 'monitor' has value {key!r}, which names no logged metric "
+                          f"({who}); the metrics logged are: {', '.join(logged) or 'none'}")
+    return value
+
+
 class _Mean:
     """A sum and a count, reduced across processes on demand."""
 
@@ -96,68 +145,50 @@ class _Mean:
         return None if pair[1] == 0 else float(pair[0] / pair[1])
 
 
-def _batch_size(engine: Any) -> int:
-    targets = engine.targets
-    return int(targets.shape[0]) if hasattr(targets, "shape") and targets.ndim else 1
+def batch_size_of(inputs: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    import torch
+
+    if torch.is_tensor(inputs):
+        return int(inputs.shape[0]) if inputs.ndim else 1
+    items = inputs.values() if isinstance(inputs, dict) else inputs
+    if isinstance(items, (list, tuple)) or isinstance(inputs, dict):
+        for item in items:
+            return batch_size_of(item)
+    return 1
 
 
 class LossesRecorder(Callback):
-    """Epoch mean of the total loss into ``logs["train"]["loss"]`` and ``logs["test"]["loss"]``."""
-
-    def __init__(self) -> None:
-        self.means = {"train": _Mean(), "test": _Mean()}
-
-    def on_train_summary(self, engine: Any, logs: dict) -> None:
-        self.means["train"].add(float(engine.loss.detach()), _batch_size(engine))
-
-    def on_test_begin(self, engine: Any, logs: dict) -> None:
-        logs["train"]["loss"] = self.means["train"].reduce(engine.accelerator)
-        self.means["train"] = _Mean()
-        self.means["test"] = _Mean()
-
-    def on_test_summary(self, engine: Any, logs: dict) -> None:
-        self.means["test"].add(float(engine.loss.detach()), _batch_size(engine))
-
-    def on_test_end(self, engine: Any, logs: dict) -> None:
-        logs["test"]["loss"] = self.means["test"].reduce(engine.accelerator)
-
-    def state_dict(self) -> dict:
-        train = self.means["train"]
-        return {"train_total": train.total, "train_count": train.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.means["train"].total = state["train_total"]
-        self.means["train"].count = state["train_count"]
-
-
-class MultiLossesRecorder(Callback):
-    """For dict losses: the epoch mean of every key (``logs[phase]["loss/<key>"]``)."""
+    """Epoch mean of the loss into ``logs[phase]["loss"]``; for dict losses also each key
+    into ``logs[phase]["loss/<key>"]``. Reduced across processes."""
 
     def __init__(self) -> None:
         self.means: dict[str, dict[str, _Mean]] = {"train": {}, "test": {}}
 
-    def _add(self, phase: str, engine: Any) -> None:
-        losses = engine.losses if isinstance(engine.losses, dict) else {"loss": engine.loss}
-        for key, value in losses.items():
-            self.means[phase].setdefault(key, _Mean()).add(float(value.detach()),
-                                                           _batch_size(engine))
+    def _add(self, phase: str, inputs: Any, losses: Any) -> None:
+        parts = {"loss": self.trainer.loss}
+        if isinstance(losses, dict):
+            parts.update({f"loss/{key}": value for key, value in losses.items()})
+        count = batch_size_of(inputs)
+        for key, value in parts.items():
+            self.means[phase].setdefault(key, _Mean()).add(float(value.detach()), count)
 
-    def _finish(self, phase: str, engine: Any, logs: dict) -> None:
-        for key, mean in sorted(self.means[phase].items()):
-            logs[phase][f"loss/{key}"] = mean.reduce(engine.accelerator)
+    def _finish(self, phase: str, logs: dict) -> None:
+        for key, mean in self.means[phase].items():
+            logs[phase][key] = mean.reduce(self.trainer.accelerator)
         self.means[phase] = {}
 
-    def on_train_summary(self, engine: Any, logs: dict) -> None:
-        self._add("train", engine)
+    def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
+        self._add("train", inputs, losses)
 
-    def on_test_begin(self, engine: Any, logs: dict) -> None:
-        self._finish("train", engine, logs)
+    def on_test_begin(self, logs: dict) -> None:
+        self._finish("train", logs)
 
-    def on_test_summary(self, engine: Any, logs: dict) -> None:
-        self._add("test", engine)
+    def on_test_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
+        self._add("test", inputs, losses)
 
-    def on_test_end(self, engine: Any, logs: dict) -> None:
-        self._finish("test", engine, logs)
+    def on_test_end(self, logs: dict) -> None:
+        self._finish("test", logs)
 
     def state_dict(self) -> dict:
         return {key: [m.total, m.count] for key, m in self.means["train"].items()}
@@ -168,8 +199,22 @@ class MultiLossesRecorder(Callback):
             mean.total, mean.count = total, count
 
 
+# PBT had a separate recorder for dict losses; LossesRecorder logs each key itself.
+MultiLossesRecorder = LossesRecorder
+
+
+def _class_scores(outputs: Any, targets: Any) -> bool:
+    """True for classifier outputs: (N, C) scores and N integer labels."""
+    import torch
+
+    return (torch.is_tensor(outputs) and torch.is_tensor(targets) and outputs.ndim == 2
+            and outputs.is_floating_point() and targets.ndim == 1
+            and not targets.is_floating_point() and outputs.shape[0] == targets.shape[0])
+
+
 class AccuracyRecorder(Callback):
-    """Top-1 (and top-5) accuracy in percent.
+    """Top-1 (and top-5) accuracy in percent, for (N, C) scores with integer labels (other
+    batches are left out).
 
     Train accuracy is a running count per process, summed at epoch end. Test accuracy is
     computed over the whole test set gathered across processes, each sample once; the
@@ -185,26 +230,31 @@ class AccuracyRecorder(Callback):
         self.predictions: list = []
         self.labels: list = []
 
-    def on_train_summary(self, engine: Any, logs: dict) -> None:
-        outputs = engine.outputs
-        if not hasattr(outputs, "argmax") or engine.targets is None:
+    def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
+        targets = self.trainer.targets
+        if not _class_scores(outputs, targets):
             return
-        correct = (outputs.detach().argmax(dim=1) == engine.targets).float().mean()
-        self.train_correct.add(float(correct) * 100.0, _batch_size(engine))
+        correct = (outputs.detach().argmax(dim=1) == targets).float().mean()
+        self.train_correct.add(float(correct) * 100.0, int(targets.shape[0]))
 
-    def on_test_begin(self, engine: Any, logs: dict) -> None:
-        logs["train"]["top1"] = self.train_correct.reduce(engine.accelerator)
+    def on_test_begin(self, logs: dict) -> None:
+        top1 = self.train_correct.reduce(self.trainer.accelerator)
+        if top1 is not None:
+            logs["train"]["top1"] = top1
         self.train_correct = _Mean()
         self.predictions, self.labels = [], []
 
-    def on_test_summary(self, engine: Any, logs: dict) -> None:
-        k = min(max(self.topk), engine.outputs.shape[1])
-        top = engine.outputs.topk(k, dim=1).indices
-        top, labels = engine.accelerator.gather_for_metrics((top, engine.targets))
+    def on_test_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
+        targets = self.trainer.targets
+        if not _class_scores(outputs, targets):
+            return
+        k = min(max(self.topk), outputs.shape[1])
+        top = outputs.topk(k, dim=1).indices
+        top, labels = self.trainer.accelerator.gather_for_metrics((top, targets))
         self.predictions.append(top.cpu())
         self.labels.append(labels.cpu())
 
-    def on_test_end(self, engine: Any, logs: dict) -> None:
+    def on_test_end(self, logs: dict) -> None:
         import torch
 
         if not self.labels:
@@ -217,15 +267,17 @@ class AccuracyRecorder(Callback):
             if k <= top.shape[1]:
                 logs["test"][f"top{k}"] = float(hits[:, :k].any(dim=1).float().mean() * 100)
         logs["test"]["correct"] = int(hits[:, 0].sum())
-        if self.write_reports and engine.is_main_process and hasattr(engine, "run_dir"):
-            self._write_reports(engine.run_dir, top[:, 0], labels)
+        trainer = self.trainer
+        if self.write_reports and trainer.is_main_process and hasattr(trainer, "run_dir"):
+            self._write_reports(trainer.run_dir, top[:, 0], labels)
 
     def _write_reports(self, run_dir: Any, predicted: Any, labels: Any) -> None:
         import torch
 
-        num_classes = len(self.class_names) if self.class_names else int(
-            max(predicted.max(), labels.max()) + 1)
-        names = self.class_names or [str(i) for i in range(num_classes)]
+        num_classes = max(len(self.class_names or []),
+                          int(max(predicted.max(), labels.max()) + 1))
+        names = list(self.class_names or [])
+        names += [str(i) for i in range(len(names), num_classes)]
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
         matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
         lines = ["true\\pred," + ",".join(names)]
@@ -252,47 +304,55 @@ class AccuracyRecorder(Callback):
         self.train_correct.count = state["train_count"]
 
 
+def _scalars(logs: dict, phase: str) -> dict[str, float]:
+    return {name: float(value) for name, value in logs.get(phase, {}).items()
+            if isinstance(value, (int, float)) and name not in ("count", "correct")}
+
+
 class LogHistory(Callback):
-    """TensorBoard: train loss and lr every ``log_freq`` optimizer steps, every epoch's
-    train/test metrics, and the config as text. Main process only."""
+    """TensorBoard: train loss (each dict-loss key too) and lr every ``log_freq`` optimizer
+    steps, every epoch's train/test metrics, and the config as text. Main process only."""
 
     def __init__(self, log_dir: Any, log_freq: int = 20) -> None:
         self.log_dir, self.log_freq = log_dir, log_freq
         self.writer: Any = None
 
-    def on_train_begin(self, engine: Any, logs: dict) -> None:
-        if not engine.is_main_process:
+    def on_train_begin(self, logs: dict) -> None:
+        trainer = self.trainer
+        if not trainer.is_main_process:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: on resume, TensorBoard drops what the crashed run logged after the state
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=engine.global_step or None)
-        if engine.global_step == 0:
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.global_step or None)
+        if trainer.global_step == 0:
             import yaml
 
-            text = yaml.safe_dump(dict(engine.cfg), sort_keys=False)
+            text = yaml.safe_dump(dict(trainer.cfg), sort_keys=False)
             self.writer.add_text("config", "```\n" + text + "\n```", 0)
 
-    def on_batch_end(self, engine: Any, logs: dict) -> None:
-        if self.writer is None or not engine.accelerator.sync_gradients:
+    def on_batch_end(self, batch: int, logs: dict) -> None:
+        trainer = self.trainer
+        if self.writer is None or not trainer.accelerator.sync_gradients:
             return
-        if engine.global_step % self.log_freq == 0:
-            self.writer.add_scalar("train/loss_step", float(engine.loss.detach()),
-                                   engine.global_step)
-            self.writer.add_scalar("train/lr", engine.lr, engine.global_step)
+        step = trainer.global_step
+        if step % self.log_freq == 0:
+            self.writer.add_scalar("train/loss_step", float(trainer.loss.detach()), step)
+            if isinstance(trainer.losses, dict):
+                for key, value in trainer.losses.items():
+                    self.writer.add_scalar(f"train/loss_step/{key}", float(value.detach()), step)
+            self.writer.add_scalar("train/lr", trainer.lr, step)
 
-    def on_epoch_end(self, engine: Any, logs: dict) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
         if self.writer is None:
             return
-        epoch = engine.epoch + 1
         for phase in ("train", "test"):
-            for name, value in logs.get(phase, {}).items():
-                if value is not None and name not in ("count", "correct"):
-                    self.writer.add_scalar(f"epoch/{phase}_{name}", value, epoch)
-        self.writer.add_scalar("epoch/lr", engine.lr, epoch)
+            for name, value in _scalars(logs, phase).items():
+                self.writer.add_scalar(f"epoch/{phase}_{name}", value, epoch + 1)
+        self.writer.add_scalar("epoch/lr", self.trainer.lr, epoch + 1)
         self.writer.flush()
 
-    def on_train_end(self, engine: Any, logs: dict) -> None:
+    def on_train_end(self, logs: dict) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -302,12 +362,12 @@ class ModelCheckpoint(Callback):
     """Save ``best.pth`` when the monitored metric improves (``mode`` max or min) and
     ``last.pth`` every epoch; main process only; weights of the unwrapped model.
 
-    Files are written to a temporary name and renamed, so a crash never leaves half a file.
-    The weights are copied at epoch end and written by a background thread while the next
-    epoch trains; ``join()`` waits for it (``run()`` does, also when training fails).
+    A ``monitor`` that names no logged metric is an error at the first epoch end, listing
+    the metrics that are logged. Files are written atomically by a background thread while
+    the next epoch trains; ``join()`` waits for it (``run()`` does, also on failure).
     """
 
-    def __init__(self, run_dir: Any, monitor: str = "test/top1", mode: str = "max",
+    def __init__(self, run_dir: Any, monitor: str = "test/loss", mode: str = "min",
                  save_last: bool = True) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"ModelCheckpoint mode must be 'max' or 'min', got {mode!r}")
@@ -322,29 +382,33 @@ class ModelCheckpoint(Callback):
             return True
         return value > self.best if self.mode == "max" else value < self.best
 
-    def on_epoch_end(self, engine: Any, logs: dict) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
         import threading
 
-        value = read_metric(logs, self.monitor)
-        is_best = value is not None and self.improved(value)
+        from pbt.checkpoint import weights_state
+
+        value = require_metric(logs, self.monitor, "ModelCheckpoint")
+        is_best = self.improved(value)
         if is_best:
-            self.best, self.best_epoch = value, engine.epoch + 1
-        if not engine.is_main_process or not (is_best or self.save_last):
+            self.best, self.best_epoch = value, epoch + 1
+        if not self.trainer.is_main_process or not (is_best or self.save_last):
             return
         self.join()
-        state = weights_state(engine, metric=value)
+        state = weights_state(self.trainer, metric=value)
         self.writer = threading.Thread(target=self._write, args=(state, is_best),
                                        name="pbt-checkpoint")
         self.writer.start()
 
     def _write(self, state: dict, is_best: bool) -> None:
+        from pbt.checkpoint import link_atomic, save_atomic
+
         try:
             if self.save_last:
-                write_atomic(state, self.run_dir / "last.pth")
+                save_atomic(state, self.run_dir / "last.pth")
             if is_best and self.save_last:  # the same bytes: link, do not write them twice
                 link_atomic(self.run_dir / "last.pth", self.run_dir / "best.pth")
             elif is_best:
-                write_atomic(state, self.run_dir / "best.pth")
+                save_atomic(state, self.run_dir / "best.pth")
         except BaseException as err:  # re-raised in the training thread by join()
             self.write_error = err
 
@@ -357,7 +421,7 @@ class ModelCheckpoint(Callback):
             error, self.write_error = self.write_error, None
             raise error
 
-    def on_train_end(self, engine: Any, logs: dict) -> None:
+    def on_train_end(self, logs: dict) -> None:
         self.join()
 
     def state_dict(self) -> dict:
@@ -367,118 +431,70 @@ class ModelCheckpoint(Callback):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
-def link_atomic(source: Any, target: Any) -> None:
-    """Make ``target`` a hard link to ``source`` by an atomic rename (copy where links
-    are not supported). Replacing ``source`` later leaves ``target`` untouched."""
-    import os
-    import shutil
-
-    tmp = f"{target}.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def weights_state(engine: Any, metric: float | None = None) -> dict:
-    """A plain weights checkpoint (loads with ``weights_only=True``) with what rebuilds the
-    net; tensors are copies, so training may go on while it is written."""
-    cfg = engine.cfg
-    state = {
-        "model": {k: v.detach().to("cpu", copy=True)
-                  for k, v in engine.unwrapped_model.state_dict().items()},
-        "net_type": cfg.get("net_type"),
-        "num_classes": getattr(engine, "num_classes", None),
-        "class_names": getattr(engine, "class_names", None),
-        "input_size": list(cfg.get("input_size") or []),
-        "epoch": engine.epoch + 1,
-        "global_step": engine.global_step,
-        "metric": metric,
-    }
-    history = getattr(engine, "prune_history", None)
-    if history is not None:
-        state["prune_history"] = history
-    return state
-
-
-def write_atomic(state: dict, path: Any) -> None:
-    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
-    import os
-
-    import torch
-
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 class ProgressBar(Callback):
-    """tqdm bar on the main process with loss, top-1 and lr; ``enabled=False`` logs a line
-    every ``log_freq`` optimizer steps instead."""
+    """tqdm bar on the main process with loss, accuracy (classifiers) and lr;
+    ``enabled=False`` logs a line every ``log_freq`` optimizer steps instead."""
 
     def __init__(self, enabled: bool = True, log_freq: int = 20) -> None:
         self.enabled, self.log_freq = enabled, log_freq
         self.bar: Any = None
 
-    def on_epoch_begin(self, engine: Any, logs: dict) -> None:
-        if self.enabled and engine.is_main_process:
+    def on_epoch_begin(self, epoch: int, logs: dict) -> None:
+        trainer = self.trainer
+        if self.enabled and trainer.is_main_process:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(engine.train_loader), initial=engine.batch_idx,
-                            desc=f"epoch {engine.epoch + 1}/{engine.num_epochs}",
+            self.bar = tqdm(total=len(trainer.train_loader), initial=trainer.batch_idx,
+                            desc=f"epoch {epoch + 1}/{trainer.num_epochs}",
                             leave=False, dynamic_ncols=True)
 
-    def on_batch_end(self, engine: Any, logs: dict) -> None:
-        if not engine.is_main_process:
+    def on_batch_end(self, batch: int, logs: dict) -> None:
+        trainer = self.trainer
+        if not trainer.is_main_process:
             return
+        loss = float(trainer.loss.detach())
         if self.bar is not None:
             self.bar.update(1)
-            postfix = {"loss": f"{float(engine.loss.detach()):.4f}", "lr": f"{engine.lr:.3g}"}
-            outputs, targets = engine.outputs, engine.targets
-            if hasattr(outputs, "argmax") and outputs.ndim == 2 and targets is not None:
-                accuracy = (outputs.detach().argmax(1) == targets).float().mean()
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{trainer.lr:.3g}"}
+            if _class_scores(trainer.outputs, trainer.targets):
+                accuracy = (trainer.outputs.detach().argmax(1) == trainer.targets).float().mean()
                 postfix["acc"] = f"{100 * float(accuracy):.1f}"
             self.bar.set_postfix(postfix, refresh=False)
-        elif engine.accelerator.sync_gradients and engine.global_step % self.log_freq == 0:
-            engine.log(f"epoch {engine.epoch + 1}/{engine.num_epochs} step {engine.global_step} "
-                       f"batch {engine.batch_idx + 1}/{len(engine.train_loader)} "
-                       f"loss {float(engine.loss.detach()):.4f} lr {engine.lr:.5g}")
+        elif trainer.accelerator.sync_gradients and trainer.global_step % self.log_freq == 0:
+            trainer.log(f"epoch {trainer.epoch + 1}/{trainer.num_epochs} step "
+                        f"{trainer.global_step} batch {batch + 1}/{len(trainer.train_loader)} "
+                        f"loss {loss:.4f} lr {trainer.lr:.5g}")
 
-    def on_test_begin(self, engine: Any, logs: dict) -> None:
+    def on_test_begin(self, logs: dict) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
-    def on_epoch_end(self, engine: Any, logs: dict) -> None:
-        if not engine.is_main_process:
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        trainer = self.trainer
+        if not trainer.is_main_process:
             return
-        parts = [f"epoch {engine.epoch + 1}/{engine.num_epochs}"]
+        parts = [f"epoch {epoch + 1}/{trainer.num_epochs}"]
         for phase in ("train", "test"):
-            for name, value in logs.get(phase, {}).items():
-                if value is not None and name not in ("count", "correct"):
-                    parts.append(f"{phase}_{name} {value:.4f}")
-        parts.append(f"lr {engine.lr:.5g}")
-        engine.log("  ".join(parts))
+            parts += [f"{phase}_{name} {v:.4f}" for name, v in _scalars(logs, phase).items()]
+        parts.append(f"lr {trainer.lr:.5g}")
+        trainer.log("  ".join(parts))
 
-    on_train_end = on_test_begin
+    def on_train_end(self, logs: dict) -> None:
+        self.on_test_begin(logs)
 
 
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
 
-    def __init__(self, monitor: str = "test/top1", patience: int = 5, min_delta: float = 0.0,
-                 mode: str = "max") -> None:
+    def __init__(self, monitor: str = "test/loss", patience: int = 5, min_delta: float = 0.0,
+                 mode: str = "min") -> None:
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
         self.best: float | None = None
         self.wait = 0
 
-    def on_epoch_end(self, engine: Any, logs: dict) -> None:
-        value = read_metric(logs, self.monitor)
-        if value is None:
-            return
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        value = require_metric(logs, self.monitor, "EarlyStopping")
         gain = (value - self.best if self.mode == "max" else self.best - value) \
             if self.best is not None else float("inf")
         if gain > self.min_delta:
@@ -486,9 +502,9 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            engine.stop_training = True
-            engine.log(f"early stopping: {self.monitor} has not improved for "
-                       f"{self.patience} epochs (best {self.best:.4f})")
+            self.trainer.stop_training = True
+            self.trainer.log(f"early stopping: {self.monitor} has not improved for "
+                             f"{self.patience} epochs (best {self.best:.4f})")
 
     def state_dict(self) -> dict:
         return {"best": self.best, "wait": self.wait}
@@ -500,13 +516,13 @@ class EarlyStopping(Callback):
 class TerminateOnNaN(Callback):
     """Stop the run when the training loss is not finite, naming epoch and step."""
 
-    def on_train_summary(self, engine: Any, logs: dict) -> None:
+    def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
         import math
 
-        loss = float(engine.loss.detach())
+        loss = float(self.trainer.loss.detach())
         if not math.isfinite(loss):
             raise TrainingError(
-                f"non-finite training loss ({loss}) at epoch {engine.epoch + 1}, batch "
-                f"{engine.batch_idx + 1}, global step {engine.global_step}; the checkpoints "
-                "already saved are intact (lower lr, or check the data)"
+                f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {batch + 1}, "
+                f"global step {self.trainer.global_step}; the checkpoints already saved are "
+                "intact (lower lr, or check the data)"
             )

@@ -1,7 +1,10 @@
-"""Resumable training states: written atomically, found again, loaded without pickled code.
+"""Every weights file and resumable state: written atomically, loaded without pickled code.
 
-A state is a folder ``run_dir/checkpoints/step-<global_step>``. Accelerate's ``save_state``
-writes model, optimizer, grad scaler and RNG files into a temporary sibling folder; pbt adds
+Weights files (``best.pth``, ``last.pth``) are plain dicts of the unwrapped model's
+state_dict plus what rebuilds the network; ``load_weights`` reads them and PBT-style files
+for ``model_file`` / ``finetune``. A resumable state is a folder
+``run_dir/checkpoints/step-<global_step>``: Accelerate's ``save_state`` writes model,
+optimizer, grad scaler and RNG files into a temporary sibling folder; pbt adds
 ``pbt_state.pt`` (counters, position in the epoch, history, pruning history) and one
 ``pbt_rank_<rank>.pt`` per process (its RNGs and its callbacks' state: running sums differ
 per process), then a completion mark, and only then renames the folder into place. A
@@ -25,6 +28,107 @@ STATE_FILE = "pbt_state.pt"
 PREFIX = "step-"
 
 
+# -- weights files -----------------------------------------------------------------------
+def save_atomic(state: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name, then rename."""
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def link_atomic(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a hard link to ``source`` by an atomic rename (copy where links
+    are not supported). Replacing ``source`` later leaves ``target`` untouched."""
+    tmp = f"{target}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def strip_module_prefix(state: dict) -> dict:
+    """Keys without DataParallel / DDP's ``module.`` prefix."""
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def weights_state(trainer: Any, metric: float | None = None) -> dict:
+    """A plain weights checkpoint (loads with ``weights_only=True``): the unwrapped model's
+    tensors (copies, so training may go on while it is written), the trainer's
+    ``checkpoint_meta()`` (what rebuilds the net), epoch, step, metric, pruning history."""
+    state = {
+        "model": {k: v.detach().to("cpu", copy=True)
+                  for k, v in trainer.unwrapped_model.state_dict().items()},
+        **trainer.checkpoint_meta(),
+        "epoch": trainer.epoch + 1,
+        "global_step": trainer.global_step,
+        "metric": metric,
+    }
+    if trainer.prune_history is not None:
+        state["prune_history"] = trainer.prune_history
+    return state
+
+
+def state_dict_of(loaded: Any, path: Path, key: str) -> dict:
+    """The tensors of a loaded weights file: a pbt checkpoint, a bare state_dict,
+    ``{"model": ...}`` or ``{"state_dict": ...}``, without ``module.`` prefixes."""
+    state = loaded
+    if isinstance(state, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(
+            torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"key {key!r}: {str(path)!r} holds no state_dict of tensors")
+    return strip_module_prefix(state)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False,
+                 key: str = "model_file", loaded: Any = None) -> list[str]:
+    """Load a weights file into ``model`` by name and shape; return the keys skipped.
+
+    ``strict`` turns a missing key or a shape mismatch into an error naming the first such
+    key and both shapes. ``loaded`` is the file's content when the caller has read it.
+    """
+    path = Path(path)
+    if loaded is None:
+        if not path.is_file():
+            raise ConfigError(f"key {key!r}: weight file {str(path)!r} does not exist")
+        loaded = safe_load(path, key=key)
+    state = state_dict_of(loaded, path, key)
+    own = model.state_dict()
+    usable, skipped = {}, []
+    for name, value in state.items():
+        if name in own and own[name].shape == value.shape:
+            usable[name] = value
+        elif strict:
+            ours = tuple(own[name].shape) if name in own else "absent"
+            raise ConfigError(
+                f"key {key!r}: {str(path)!r} does not fit this network: key {name!r} has "
+                f"shape {tuple(value.shape)} in the file and {ours} in the model (another "
+                "network or number of classes? finetune: true loads what fits)")
+        else:
+            skipped.append(name)
+    missing = [name for name in own if name not in usable]
+    if strict and missing:
+        raise ConfigError(f"key {key!r}: {str(path)!r} lacks key {missing[0]!r} of this network")
+    model.load_state_dict(usable, strict=False)
+    return skipped
+
+
+# -- resumable states ----------------------------------------------------------------------
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -84,6 +188,7 @@ def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
     ``numpy_arrays`` also allows the numpy types of Accelerate's RNG files; ``key`` names
     the config key in the error.
     """
+    path = Path(path)
     try:
         if numpy_arrays:
             from accelerate.utils import load as accelerate_load
@@ -91,12 +196,65 @@ def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
             return accelerate_load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or ["unreadable"])[0]
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+        text = " ".join(text.split())
+        # torch's message is a page of advice; the unpickler's one sentence names the type
+        marker = "WeightsUnpickler error: "
+        if marker in text:
+            text = text.split(marker, 1)[1]
+        reason = (text.split(". ")[0].rstrip(".") + ".") if text else type(err).__name__
+        what = f"{key}: " if key else ""
+        if path.is_file() and path.stat().st_size and not _looks_like_torch_file(path):
+            raise ConfigError(f"{what}{str(path)!r} is not a PyTorch checkpoint "
+                              f"({type(err).__name__}: {reason}).") from None
         raise ConfigError(
-            f"{key + ': ' if key else ''}{str(path)!r} is not a file that loads with "
-            f"torch.load(weights_only=True) (files that need pickled code are refused; pbt "
-            f"never runs code from a checkpoint): {first}"
+            f"{what}{str(path)!r} does not load with torch.load(weights_only=True), so it is "
+            f"refused (pbt never runs code from a checkpoint): {reason}"
         ) from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (old format: a pickle starting with 0x80)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def check_plain_data(value: Any, where: str) -> None:
+    """Raise TypeError naming ``where`` and the type when ``value`` holds anything that
+    ``torch.load(weights_only=True)`` refuses."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor,
+                                           torch.dtype, torch.device, torch.Size)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain_data(key, f"{where} key")
+            check_plain_data(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple, set)):
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+                    "a resumable state cannot hold (it must load with weights_only=True); "
+                    "use numbers, strings, tensors, numpy values, or lists / dicts of them")
+
+
+def to_plain_data(value: Any) -> Any:
+    """numpy scalars become Python numbers and numpy arrays tensors; the rest is kept."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, dict):
+        return {key: to_plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain_data(item) for item in value)
+    return value
 
 
 def verify_state_files(state_dir: Path) -> None:
@@ -158,9 +316,51 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def callback_keys(callbacks: list) -> dict[str, Any]:
+    """Callbacks by ``ClassName#k`` (k-th of its class), the key of their saved state."""
+    keys: dict[str, Any] = {}
+    for callback in callbacks:
+        name = type(callback).__name__
+        count = sum(key.startswith(name + "#") for key in keys)
+        keys[f"{name}#{count}"] = callback
+    return keys
+
+
+def callback_states(callbacks: list) -> dict[str, Any]:
+    """Each callback's ``state_dict()`` as plain data; a state that would not load with
+    ``weights_only=True`` is refused now, naming the callback and the type."""
+    from pbt.callbacks import TrainingError
+
+    states = {}
+    for key, callback in callback_keys(callbacks).items():
+        state = to_plain_data(callback.state_dict())
+        try:
+            check_plain_data(state, f"{key}.state_dict()")
+        except TypeError as err:
+            raise TrainingError(f"callback state not saved: {err}") from None
+        if state:
+            states[key] = state
+    return states
+
+
+def restore_callbacks_and_rng(state_dir: Path, accelerator: Any, callbacks: list) -> list[str]:
+    """Load this process's callback states and RNGs; return notes for states no callback
+    of this run takes."""
+    mine = load_rank_state(state_dir, accelerator.process_index)
+    keys, notes = callback_keys(callbacks), []
+    for key, state in mine["callbacks"].items():
+        if key in keys:
+            keys[key].load_state_dict(state)
+        else:
+            notes.append(f"resume: the saved state of callback {key} has no callback in this run")
+    restore_rng(mine["rng"])
+    return notes
+
+
 def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dict,
-               rank_state: dict, keep: int) -> Path:
+               callbacks: list, keep: int) -> Path:
     """Write a complete state atomically and keep the newest ``keep`` (all processes call)."""
+    rank_state = {"callbacks": callback_states(callbacks)}
     folder = checkpoints_dir(run_dir)
     final = folder / f"{PREFIX}{global_step:08d}"
     tmp = folder / f".tmp-{PREFIX}{global_step:08d}"
@@ -206,3 +406,94 @@ def load_rank_state(state_dir: Path, rank: int) -> dict:
     if not path.is_file():
         raise ConfigError(f"key 'resume': {str(path)!r} is missing")
     return safe_load(path)
+
+
+def open_resume_state(trainer: Any) -> dict:
+    """Check the state ``trainer.resume_from`` before anything is built from it: every file
+    loads as plain data, the process count matches, the model (after replaying a saved
+    pruning history) fits. Returns pbt's part of the state."""
+    state_dir = trainer.resume_from
+    verify_state_files(state_dir)
+    saved = load_pbt_state(state_dir)
+    world = trainer.accelerator.num_processes
+    if saved["world_size"] != world:
+        raise ConfigError(
+            f"key 'resume': the state in {str(state_dir)!r} was saved by {saved['world_size']} "
+            f"processes and this run has {world}; resume with the same number of processes "
+            "(the data order and optimizer shards depend on it)")
+    if saved.get("prune_history") is not None:
+        trainer.rebuild_pruned(trainer.model, saved["prune_history"])
+    check_model_fits(state_dir, trainer.model)
+    return saved
+
+
+def restore_trainer(trainer: Any, saved: dict) -> None:
+    """After ``prepare``: model, optimizer, scaler (Accelerate), then pbt's counters, each
+    process's callbacks and RNGs."""
+    trainer.accelerator.load_state(str(trainer.resume_from))
+    for message in restore_callbacks_and_rng(trainer.resume_from, trainer.accelerator,
+                                             trainer.callbacks):
+        trainer.log(message)
+    trainer.history, trainer.global_step = saved["history"], saved["global_step"]
+    trainer.seconds_before, trainer.prune_history = saved["seconds"], saved.get("prune_history")
+    trainer.start_epoch, trainer.skip_batches = saved["epoch"], saved["batches_done"]
+    trainer.log(f"resumed from {trainer.resume_from}: epoch {trainer.start_epoch + 1}, "
+                f"batch {trainer.skip_batches}, global step {trainer.global_step}")
+
+
+def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
+    """``(run_dir, state to resume from or None)``; the main process decides for everyone.
+    Nothing is written here, so a bad ``resume`` changes nothing on disk."""
+    import time
+
+    from accelerate.utils import broadcast_object_list
+
+    cfg = trainer.cfg
+    holder: list = [None, None, None]
+    if trainer.accelerator.is_main_process:
+        try:
+            prefix = cfg.run_name or "_".join(trainer.run_name_parts(cfg) + [cfg.flag or ""])
+            prefix = prefix.strip("_")
+            name = cfg.run_name or f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir, state = Path(cfg.work_dir) / name, None
+            if cfg.resume:
+                found = find_resume(cfg.resume, Path(cfg.work_dir), prefix)
+                if found is not None:
+                    run_dir, state = found
+                else:
+                    trainer.log(f"resume auto: no usable state under {cfg.work_dir}, "
+                                "starting fresh")
+            holder = [str(run_dir), str(state) if state else None, None]
+        except ConfigError as err:
+            holder = [None, None, str(err)]
+    if trainer.accelerator.num_processes > 1:
+        broadcast_object_list(holder)
+    if holder[2]:
+        raise ConfigError(holder[2])
+    return Path(holder[0]), (Path(holder[1]) if holder[1] else None)
+
+
+def save_trainer_state(trainer: Any, epoch: int, batches_done: int) -> Path:
+    """A resumable state of ``trainer``, to go on at ``epoch`` after ``batches_done``."""
+    import time
+
+    pbt_state = {"epoch": epoch, "batches_done": batches_done,
+                 "global_step": trainer.global_step, "history": trainer.history,
+                 "world_size": trainer.accelerator.num_processes,
+                 "seconds": trainer.seconds_before + time.time() - trainer.started,
+                 "prune_history": trainer.prune_history}
+    return save_state(trainer.accelerator, trainer.run_dir, trainer.global_step, pbt_state,
+                      trainer.callbacks, keep=trainer.cfg.keep_checkpoints)
+
+
+def load_model_file(trainer: Any, model: torch.nn.Module, path: str) -> None:
+    """``model_file`` / ``finetune`` weights into ``model``, replaying the file's pruning
+    history first. With ``finetune`` keys are matched by name and shape and the skipped
+    ones logged; otherwise every key must fit."""
+    key = "finetune" if isinstance(trainer.cfg.finetune, str) else "model_file"
+    saved = safe_load(Path(path), key=key)
+    if isinstance(saved, dict) and saved.get("prune_history"):
+        trainer.rebuild_pruned(model, saved["prune_history"])
+    skipped = load_weights(model, path, strict=not trainer.cfg.finetune, key=key, loaded=saved)
+    trainer.log(f"loaded weights from {path}" + (
+        f"; skipped {len(skipped)} keys that do not fit: {', '.join(skipped)}" if skipped else ""))

@@ -1,7 +1,10 @@
 """YAML + command-line config: defaults < YAML (``-c``) < flags typed on the command line.
 
-Every key is flat, as in PBT. Misspelt keys and wrong types are errors that name the key,
-the value and what was expected, raised before any training starts.
+Every key is flat, as in PBT. The core keys below are the ones the engine uses; a script
+or recipe declares its own with :class:`Key` (``parse_config(keys=[...])``), and they get
+the same checks, appear in ``--help`` and ``config.yaml``, and travel to DDP workers with
+the config. Misspelt keys and wrong types are errors that name the key, the value and what
+was expected, raised before any training starts.
 """
 
 from __future__ import annotations
@@ -9,139 +12,80 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# Expected type per key. "path" and "paths" are strings checked for existence;
-# "?" suffix allows null. Lists accept a single scalar too (PBT: `train_data: a.txt`).
-SCHEMA: dict[str, tuple[str, Any]] = {
-    # data
-    "train_data": ("paths?", None),
-    "test_data": ("paths?", None),
-    "input_size": ("int_list", [32, 32]),
-    "rgb_mean": ("float_list", [0.5, 0.5, 0.5]),
-    "rgb_std": ("float_list", [0.5, 0.5, 0.5]),
-    "train_transform": ("str?", None),
-    "test_transform": ("str?", None),
-    "resample": ("str", "none"),
-    "skip_bad_images": ("bool", False),
-    "batch_size": ("int", 32),
-    "num_workers": ("int?", None),
-    # model
-    "net_type": ("str", "resnet18"),
-    "pretrained": ("str?", None),
-    "model_file": ("str?", None),
-    "finetune": ("bool_or_str", False),
-    "sync_bn": ("bool", False),
-    # optimisation
-    "optim_type": ("str", "SGD"),
-    "lr": ("float", 0.1),
-    "momentum": ("float", 0.9),
-    "nesterov": ("bool", False),
-    "weight_decay": ("float", 5e-4),
-    "no_decay_bn_bias": ("bool", True),
-    "loss_type": ("str", "CrossEntropyLoss"),
-    "smoothing": ("float", 0.1),
-    "focal_gamma": ("float", 2.0),
-    "num_epochs": ("int", 10),
-    "grad_accum_steps": ("int", 1),
-    "clip_grad_norm": ("float?", None),
-    "mixed_precision": ("str", "no"),
-    # schedule
-    "scheduler": ("str", "multi-step"),
-    "milestones": ("int_list", [30, 80, 100]),
-    "gamma": ("float?", None),
-    "min_lr": ("float?", None),
-    "lr_power": ("float", 0.9),
-    "num_warn_up": ("int", 0),
-    # run
-    "work_dir": ("str", "work_space"),
-    "run_name": ("str?", None),
-    "seed": ("int", 0),
-    "gpu_id": ("int_list", [0]),
-    "distributed": ("bool", False),
-    "num_processes": ("int", 0),
-    "main_process_port": ("int", 29500),
-    "log_freq": ("int", 20),
-    "progress": ("bool", True),
-    "eval_only": ("bool", False),
-    "monitor": ("str", "test/top1"),
-    "monitor_mode": ("str", "max"),
-    "early_stop_patience": ("int", 0),
-    "early_stop_min_delta": ("float", 0.0),
-    "resume": ("str?", None),
-    "save_steps": ("int", 0),
-    "keep_checkpoints": ("int", 2),
-    # pruning
-    "use_prune": ("bool", False),
-    "prune_method": ("str", "l1"),
-    "prune_ratio": ("float", 0.5),
-    "prune_global": ("bool", False),
-    "prune_steps": ("int", 1),
-    "prune_ignore": ("str_list", []),
-    "prune_backend": ("str", "torch-pruning"),
-    "round_to": ("int", 8),
-    "slim_reg": ("float", 0.0),
+_TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
+_EXPECTED = {
+    "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+    "bool_or_str": "true, false or a file path", "paths": "a path or a list of paths",
+    "int_list": "a list of integers", "float_list": "a list of numbers",
+    "str_list": "a list of strings",
 }
-
-DEFAULTS: dict[str, Any] = {key: default for key, (_, default) in SCHEMA.items()}
-
-CHOICES = {
-    "optim_type": ("SGD", "Adam", "AdamW"),
-    "loss_type": ("CrossEntropyLoss", "CELoss", "LabelSmoothing", "FocalLoss"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "monitor_mode": ("max", "min"),
-    "resample": ("none", "mean", "sqrt", "log"),
-    "prune_method": ("l1", "l2", "fpgm", "slim"),
-    "prune_backend": ("torch-pruning", "nni"),
-}
-
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
 
 
 class ConfigError(ValueError):
     """Bad user input: the message says what was wrong and where."""
 
 
-class Config(dict):
-    """A dict whose keys also read as attributes (``cfg.lr``)."""
+@dataclass(frozen=True)
+class Key:
+    """One config key: ``Key("hidden_dim", int, 64, "width of the hidden layer")``.
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    ``kind`` is a type (``int``, ``float``, ``str``, ``bool``) or one of ``"paths"``,
+    ``"int_list"``, ``"float_list"``, ``"str_list"``, ``"bool_or_str"``; ``nullable`` allows
+    ``null``. ``choices`` are matched case-insensitively and stored as spelled here (PBT
+    lower-cases names). ``check(value)`` returns an error text for a bad value, or None.
+    ``path`` checks that a path value exists.
+    """
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
+    name: str
+    kind: Any
+    default: Any = None
+    help: str = ""
+    nullable: bool = False
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    path: bool = False
+
+    @property
+    def type_name(self) -> str:
+        return _TYPE_NAMES.get(self.kind, self.kind)
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """``value`` converted (command-line strings) and checked; raise ConfigError if bad."""
+        kind = self.type_name
+        nullable = self.nullable or self.default is None
+        expected = _EXPECTED[kind] + (" or null" if nullable else "")
+        if nullable and (value is None or (isinstance(value, str) and value.lower() in
+                                           ("null", "none", "~", ""))):
+            return None  # PBT writes an unset file as model_file: ""
+
+        def wrong(extra: str = "") -> ConfigError:
+            return ConfigError(f"{where}: key {self.name!r} has value {value!r}; "
+                               f"expected {extra or expected}")
+
+        converted = _convert(kind, value, wrong)
+        if self.choices is not None:
+            items = converted if isinstance(converted, list) else [converted]
+            spelled = {str(c).lower(): c for c in self.choices}
+            if any(str(item).lower() not in spelled for item in items):
+                raise wrong("one of " + ", ".join(map(str, self.choices)))
+            items = [spelled[str(item).lower()] for item in items]
+            converted = items if isinstance(converted, list) else items[0]
+        problem = self.check(converted) if self.check else None
+        if problem:
+            raise wrong(problem)
+        if self.path and isinstance(converted, (str, list)):
+            for item in converted if isinstance(converted, list) else [converted]:
+                if isinstance(item, str) and not Path(item).exists():
+                    raise ConfigError(f"{where}: key {self.name!r}: path {item!r} does not exist")
+        return converted
 
 
-def nearest_key(key: str, valid: list[str] | tuple[str, ...]) -> str:
-    """A hint naming the closest valid key, or all of them when none is close."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return "valid keys: " + ", ".join(sorted(valid))
-
-
-def _coerce(key: str, value: Any, where: str) -> Any:
-    """Check ``value`` against the schema of ``key``; convert CLI strings; raise if wrong."""
-    kind, _ = SCHEMA[key]
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None and optional:
-        return None
-    expected = {
-        "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-        "bool_or_str": "true, false or a file path", "paths": "a path or a list of paths",
-        "int_list": "a list of integers", "float_list": "a list of numbers",
-        "str_list": "a list of strings",
-    }[kind] + (" or null" if optional else "")
-
-    def wrong() -> ConfigError:
-        return ConfigError(f"{where}: key {key!r} has value {value!r}; expected {expected}")
-
+def _convert(kind: str, value: Any, wrong: Callable[..., ConfigError]) -> Any:
     def as_bool(item: Any) -> bool:
         if isinstance(item, bool):
             return item
@@ -149,29 +93,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             return item.lower() in _TRUE
         raise wrong()
 
-    def as_int(item: Any) -> int:
-        if isinstance(item, bool):
+    def as_number(item: Any, number: type) -> Any:
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
             raise wrong()
-        if isinstance(item, int):
-            return item
-        if isinstance(item, str):
-            try:
-                return int(item)
-            except ValueError:
-                raise wrong() from None
-        raise wrong()
-
-    def as_float(item: Any) -> float:
-        if isinstance(item, bool):
+        if number is int and isinstance(item, float):
             raise wrong()
-        if isinstance(item, (int, float)):
-            return float(item)
-        if isinstance(item, str):
-            try:
-                return float(item)
-            except ValueError:
-                raise wrong() from None
-        raise wrong()
+        try:
+            return number(item)
+        except ValueError:
+            raise wrong() from None
 
     def as_list(item: Any) -> list:
         if isinstance(item, (list, tuple)):
@@ -180,12 +110,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             return [part.strip() for part in item.split(",") if part.strip()]
         return [item]
 
-    if isinstance(value, str) and optional and value.lower() in ("null", "none", "~"):
-        return None
     if kind == "int":
-        return as_int(value)
+        return as_number(value, int)
     if kind == "float":
-        return as_float(value)
+        return as_number(value, float)
     if kind == "bool":
         return as_bool(value)
     if kind == "str":
@@ -204,9 +132,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise wrong()
         return items[0] if len(items) == 1 else items
     if kind == "int_list":
-        return [as_int(item) for item in as_list(value)]
+        return [as_number(item, int) for item in as_list(value)]
     if kind == "float_list":
-        return [as_float(item) for item in as_list(value)]
+        return [as_number(item, float) for item in as_list(value)]
     if kind == "str_list":
         items = as_list(value)
         if not all(isinstance(item, str) for item in items):
@@ -215,23 +143,254 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     raise AssertionError(kind)
 
 
-def _check_values(cfg: Config) -> None:
-    """Checks across keys and of allowed values, after types are right."""
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            raise ConfigError(
-                f"key {key!r} has value {cfg[key]!r}; expected one of {', '.join(choices)}"
-            )
-    if len(cfg.input_size) != 2 or min(cfg.input_size) < 1:
-        raise ConfigError(f"key 'input_size' has value {cfg.input_size!r}; expected [W, H] > 0")
-    for key in ("rgb_mean", "rgb_std"):
-        if len(cfg[key]) != 3:
-            raise ConfigError(f"key {key!r} has value {cfg[key]!r}; expected 3 numbers")
-    for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_freq", "keep_checkpoints"):
-        if cfg[key] < 1:
-            raise ConfigError(f"key {key!r} has value {cfg[key]!r}; expected an integer >= 1")
-    if not 0.0 < cfg.prune_ratio < 1.0:
-        raise ConfigError(f"key 'prune_ratio' has value {cfg.prune_ratio!r}; expected 0 < r < 1")
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"a number >= {low}"
+
+
+def _between_open(v: float) -> str | None:
+    return None if 0.0 < v < 1.0 else "a number between 0 and 1 (exclusive)"
+
+
+# The engine's keys. PBT's keep PBT's meaning; new ones follow the same flat style.
+CORE_KEYS: tuple[Key, ...] = (
+    # run
+    Key("work_dir", str, "work_space", "where run directories are made"),
+    Key("run_name", str, None, "run directory name (default: made from the config)"),
+    Key("flag", str, "", "PBT: a suffix for the generated run name"),
+    Key("seed", int, 0, "seed of data order, augmentation and initialisation"),
+    Key("gpu_id", "int_list", [0], "GPUs to train on; several mean DDP"),
+    Key("distributed", bool, False, "PBT's switch; several GPUs always mean DDP in pbt"),
+    Key("num_processes", int, 0, "CPU worker processes to start (0: one)", check=_at_least(0)),
+    Key("main_process_port", int, 29500, "port of the workers' rendezvous (0: any free)"),
+    Key("log_freq", int, 20, "log every N optimizer steps", check=_at_least(1)),
+    Key("progress", bool, True, "tqdm progress bar"),
+    Key("eval_only", bool, False, "only run the test loop once (with model_file)"),
+    Key("monitor", str, None, "metric for best.pth and early stopping, e.g. test/loss "
+        "(default: test/top1 when accuracy is recorded, else test/loss)"),
+    Key("monitor_mode", str, None, "max or min (default: min for losses, max otherwise)",
+        choices=("max", "min")),
+    Key("early_stop_patience", int, 0, "epochs without improvement before stopping (0: off)",
+        check=_at_least(0)),
+    Key("early_stop_min_delta", float, 0.0, "smallest change that counts as improvement"),
+    Key("resume", str, None, "a run dir, a state dir, or auto"),
+    Key("save_steps", int, 0, "also save a resumable state every N optimizer steps",
+        check=_at_least(0)),
+    Key("keep_checkpoints", int, 2, "resumable states kept", check=_at_least(1)),
+    # data order
+    Key("batch_size", int, 32, "batch size per process", check=_at_least(1)),
+    Key("num_workers", int, None, "DataLoader workers (null: from the CPU count)",
+        check=_at_least(0)),
+    # weights
+    Key("model_file", str, None, "weights to start from (pbt or PBT-style .pth)", path=True),
+    Key("finetune", "bool_or_str", False, "load model_file by name and shape, skipping misfits "
+        "(PBT: or the file itself)"),
+    Key("sync_bn", bool, False, "SyncBatchNorm on several GPUs"),
+    # optimisation
+    Key("optim_type", str, "SGD", "optimizer", choices=("SGD", "Adam", "AdamW")),
+    Key("lr", float, 0.1, "base learning rate",
+        check=lambda v: None if v > 0 else "a positive number"),
+    Key("momentum", float, 0.9, "SGD momentum"),
+    Key("nesterov", bool, False, "Nesterov momentum (SGD)"),
+    Key("weight_decay", float, 5e-4, "weight decay"),
+    Key("no_decay_bn_bias", bool, True, "no weight decay on BatchNorm and bias parameters"),
+    Key("loss_type", str, "CrossEntropyLoss", "default criterion",
+        choices=("CrossEntropyLoss", "CELoss", "LabelSmoothing", "FocalLoss")),
+    Key("smoothing", float, 0.1, "LabelSmoothing amount"),
+    Key("focal_gamma", float, 2.0, "FocalLoss gamma"),
+    Key("num_epochs", int, 10, "epochs to train", check=_at_least(1)),
+    Key("grad_accum_steps", int, None, "micro-batches per optimizer step (null: Accelerate's "
+        "setting, else 1)", check=_at_least(1)),
+    Key("clip_grad_norm", float, None, "clip the gradient norm to this"),
+    Key("mixed_precision", str, None, "no, fp16 or bf16 (null: Accelerate's setting, else no)",
+        choices=("no", "fp16", "bf16")),
+    # schedule
+    Key("scheduler", str, "multi-step", "multi-step, cosine, ExpLR or LambdaLR"),
+    Key("milestones", "int_list", [30, 80, 100], "multi-step: epochs where lr drops"),
+    Key("gamma", float, None, "multi-step / ExpLR factor"),
+    Key("min_lr", float, None, "cosine / LambdaLR floor (null: lr / 100)"),
+    Key("lr_power", float, 0.9, "LambdaLR polynomial power"),
+    Key("num_warn_up", float, 0, "warm-up epochs (longer than training: clamped)",
+        check=_at_least(0)),
+    # pruning
+    Key("use_prune", bool, False, "prune the model before training"),
+    Key("prune_method", str, "l1", "l1, l2, fpgm or slim", choices=("l1", "l2", "fpgm", "slim")),
+    Key("prune_ratio", float, 0.5, "share of channels removed", check=_between_open),
+    Key("prune_global", bool, False, "rank channels across the whole network"),
+    Key("prune_steps", int, 1, "iterative pruning steps", check=_at_least(1)),
+    Key("prune_ignore", "str_list", [], "module names never pruned"),
+    Key("prune_backend", str, "torch-pruning", "torch-pruning or nni",
+        choices=("torch-pruning", "nni")),
+    Key("round_to", int, 8, "keep channel counts multiples of this (0: off)",
+        check=_at_least(0)),
+    Key("slim_reg", float, 0.0, "L1 penalty on BatchNorm scales (slim sparsity training)"),
+)
+
+# PBT keys pbt deliberately does not use: accepted, and named at start with the reason.
+IGNORED_PBT_KEYS = {
+    "start_save": "pbt writes best.pth and last.pth every epoch",
+    "class_file": "class names come from the folders, or class_name.txt beside a list file",
+    "data_type": "the data format is read from the path (a folder or a list file)",
+    "polyaxon": "pbt has no polyaxon integration",
+}
+
+DEFAULTS: dict[str, Any] = {key.name: key.default for key in CORE_KEYS}
+
+
+class Config(dict):
+    """A dict whose keys also read as attributes (``cfg.lr``). It carries its ``keys``
+    (core + declared) so saving and DDP workers see the same schema, and ``notes``: lines
+    the trainer logs at start (ignored PBT keys, clamped values)."""
+
+    def __init__(self, *args: Any, keys: Iterable[Key] = CORE_KEYS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "keys_", {key.name: key for key in keys})
+        object.__setattr__(self, "notes", [])
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __reduce__(self) -> tuple:
+        # checks ran already, and a script's lambdas would not pickle (spawned DDP workers)
+        keys = [replace(key, check=None) for key in self.keys_.values()]
+        return _rebuild_config, (dict(self), keys, list(self.notes))
+
+
+def _rebuild_config(values: dict, keys: list[Key], notes: list[str]) -> Config:
+    cfg = Config(values, keys=keys)
+    cfg.notes.extend(notes)
+    return cfg
+
+
+def nearest_key(key: str, valid: Iterable[str]) -> str:
+    """A hint naming the closest valid key, or all of them when none is close."""
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid keys: " + ", ".join(sorted(valid))
+
+
+def merge_keys(extra: Iterable[Key] = ()) -> dict[str, Key]:
+    """Core keys plus a script's own; a script may redeclare a core key's default and help."""
+    keys = {key.name: key for key in CORE_KEYS}
+    for key in extra:
+        if not isinstance(key, Key):
+            raise TypeError(f"config keys are declared as pbt.config.Key, got {key!r}")
+        keys[key.name] = key
+    return keys
+
+
+def read_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict:
+    """Read a config YAML with ``safe_load``; with ``keys``, an unknown key is an error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r} is empty; it must hold a mapping of "
+                          "keys to values")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    if keys is not None:
+        known = set(keys) | set(IGNORED_PBT_KEYS)
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; "
+                                  + nearest_key(str(key), known))
+    return data
+
+
+def build_parser(keys: dict[str, Key]) -> argparse.ArgumentParser:
+    """One flag per key; untyped flags stay absent so they never override YAML."""
+    parser = argparse.ArgumentParser(
+        description="pbt training run. Flags override the YAML file given with -c; any key "
+        "may also be given as key=value.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False,
+    )
+    parser.add_argument("-c", "--config_file", help="YAML config file")
+    for key in keys.values():
+        kind, text = key.type_name, f"{key.help} (default {key.default})".strip()
+        if kind in ("paths", "int_list", "float_list", "str_list"):
+            parser.add_argument(f"--{key.name}", nargs="+", metavar="V", help=text)
+        elif kind in ("bool", "bool_or_str"):
+            parser.add_argument(f"--{key.name}", nargs="?", const="true", metavar="BOOL",
+                                help=text)
+        else:
+            parser.add_argument(f"--{key.name}", metavar="V", help=text)
+    for name in IGNORED_PBT_KEYS:
+        parser.add_argument(f"--{name}", nargs="?", help=argparse.SUPPRESS)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, default_file: str | Path | None = None,
+                keys: Iterable[Key] = (), **overrides: Any) -> Config:
+    """Resolve defaults < YAML < command line < ``overrides``; raise ConfigError if bad.
+
+    ``keys`` are the script's own :class:`Key` declarations; ``default_file`` is the YAML
+    used when the command line names none (a recipe's own).
+    """
+    schema = merge_keys(keys)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # key=value tokens: a way round launchers (torchrun) whose parsers claim --flags
+    pairs = [t for t in argv if "=" in t and not t.startswith("-")
+             and t.split("=", 1)[0] in set(schema) | set(IGNORED_PBT_KEYS)]
+    argv = [t for t in argv if t not in pairs]
+    args, unknown = build_parser(schema).parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("-"):
+            name = token.lstrip("-").split("=")[0]
+            raise ConfigError(f"command line: unknown flag {token!r}; "
+                              + nearest_key(name, schema).replace("'", "'--", 1))
+        raise ConfigError(f"command line: unexpected argument {token!r}")
+    typed = vars(args)
+    typed.update(dict(pair.split("=", 1) for pair in pairs))
+    config_file = typed.pop("config_file", None)
+    if default_file is not None and config_file is None:
+        config_file = str(default_file)
+    cfg = Config({name: key.default for name, key in schema.items()}, keys=schema.values())
+    ignored: dict[str, Any] = {}
+    sources = [(f"config file {config_file!r}", read_yaml(config_file, schema))] \
+        if config_file else []
+    sources += [("command line", typed), ("override", overrides)]
+    for where, values in sources:
+        for name, value in values.items():
+            if name in IGNORED_PBT_KEYS:
+                ignored[name] = value
+            elif name not in schema:
+                raise ConfigError(f"{where}: unknown key {name!r}; " + nearest_key(name, schema))
+            else:
+                cfg[name] = schema[name].coerce(value, where)
+    if config_file:
+        cfg["config_file"] = str(config_file)
+    for name, value in ignored.items():
+        cfg.notes.append(f"PBT key {name}: {value!r} is ignored: {IGNORED_PBT_KEYS[name]}")
+    _check_across_keys(cfg)
+    return cfg
+
+
+def _check_across_keys(cfg: Config) -> None:
+    """Checks that involve more than one key (single values are checked by their Key)."""
+    if isinstance(cfg.finetune, str) and not Path(cfg.finetune).is_file():
+        raise ConfigError(f"key 'finetune': file {cfg.finetune!r} does not exist")
+    if cfg.num_warn_up > cfg.num_epochs:
+        cfg.notes.append(f"num_warn_up {cfg.num_warn_up:g} is longer than num_epochs "
+                         f"{cfg.num_epochs}: warm-up clamped to {cfg.num_epochs} epochs")
+        cfg.num_warn_up = cfg.num_epochs
     if cfg.use_prune and cfg.prune_backend == "nni":
         import importlib.util
 
@@ -241,118 +400,21 @@ def _check_values(cfg: Config) -> None:
         if importlib.util.find_spec("nni") is None:
             raise ConfigError("key 'prune_backend' is 'nni', which is not installed; install "
                               'the extra with: pip install -e ".[nni]"')
-    if cfg.lr <= 0:
-        raise ConfigError(f"key 'lr' has value {cfg.lr!r}; expected a positive number")
-    for key in ("train_data", "test_data"):
-        paths = cfg[key] if isinstance(cfg[key], list) else [cfg[key]]
-        for path in paths:
-            if path is not None and not Path(path).exists():
-                raise ConfigError(f"key {key!r}: data path {path!r} does not exist")
-    for key in ("model_file", "pretrained"):
-        if cfg[key] and not Path(cfg[key]).is_file():
-            raise ConfigError(f"key {key!r}: file {cfg[key]!r} does not exist")
-    if isinstance(cfg.finetune, str) and not Path(cfg.finetune).is_file():
-        raise ConfigError(f"key 'finetune': file {cfg.finetune!r} does not exist")
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a config YAML with ``safe_load``; every key is checked against the schema."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    for key in data:
-        if key not in SCHEMA:
-            raise ConfigError(
-                f"config file {str(path)!r}: unknown key {key!r}; " + nearest_key(key, list(SCHEMA))
-            )
-    return data
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per config key; untyped flags stay absent so they never override YAML."""
-    parser = argparse.ArgumentParser(
-        description="pbt training run. Flags override the YAML file given with -c.",
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-    )
-    parser.add_argument("-c", "--config_file", help="YAML config file")
-    for key, (kind, default) in SCHEMA.items():
-        base = kind.rstrip("?")
-        if base in ("paths", "int_list", "float_list", "str_list"):
-            parser.add_argument(f"--{key}", nargs="+", metavar="V", help=f"default {default}")
-        elif base in ("bool", "bool_or_str"):
-            parser.add_argument(f"--{key}", nargs="?", const="true", metavar="BOOL",
-                                help=f"default {default}")
-        else:
-            parser.add_argument(f"--{key}", metavar="V", help=f"default {default}")
-    return parser
-
-
-def load_config(argv: list[str] | None = None, default_file: str | Path | None = None,
-                **overrides: Any) -> Config:
-    """Resolve defaults < YAML < command line < ``overrides``; raise ConfigError if bad.
-
-    ``default_file`` is the YAML used when the command line names none (a recipe's own).
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if default_file is not None and getattr(args, "config_file", None) is None:
-        args.config_file = str(default_file)
-    for token in unknown:
-        if token.startswith("-"):
-            name = token.lstrip("-").split("=")[0]
-            raise ConfigError(
-                f"command line: unknown flag {token!r}; "
-                + nearest_key(name, list(SCHEMA)).replace("'", "'--", 1)
-            )
-        raise ConfigError(f"command line: unexpected argument {token!r}")
-    typed = vars(args)
-    cfg = Config(DEFAULTS)
-    config_file = typed.pop("config_file", None)
-    if config_file:
-        for key, value in read_yaml(config_file).items():
-            cfg[key] = _coerce(key, value, f"config file {config_file!r}")
-    for key, value in typed.items():
-        cfg[key] = _coerce(key, value, "command line")
-    for key, value in overrides.items():
-        if key not in SCHEMA:
-            raise ConfigError(f"unknown key {key!r}; " + nearest_key(key, list(SCHEMA)))
-        cfg[key] = _coerce(key, value, "override")
-    if config_file:
-        cfg["config_file"] = str(config_file)
-    _check_values(cfg)
-    return cfg
-
-
-def parse_config(argv: list[str] | None = None,
-                 default_file: str | Path | None = None) -> Config:
+def parse_config(argv: list[str] | None = None, default_file: str | Path | None = None,
+                 keys: Iterable[Key] = ()) -> Config:
     """Command-line entry: like :func:`load_config`, but a bad input exits with one message."""
     try:
-        return load_config(argv, default_file)
+        return load_config(argv, default_file, keys)
     except ConfigError as err:
         print(f"pbt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config so ``-c path`` re-runs the same experiment."""
+    """Write the resolved config (core and declared keys) so ``-c path`` re-runs it."""
     import yaml
 
-    data = {key: cfg[key] for key in SCHEMA}
+    data = {name: cfg[name] for name in getattr(cfg, "keys_", DEFAULTS) if name in cfg}
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def default_run_name(cfg: Config, stamp: str) -> str:
-    """PBT-style run name: net type, input size, loss and a timestamp."""
-    width, height = cfg.input_size
-    return f"{cfg.net_type}_{width}_{height}_{cfg.loss_type}_{stamp}"
-

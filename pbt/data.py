@@ -1,4 +1,6 @@
-"""Data for the classification recipe: image datasets, list files, resampling, bad images.
+"""Data: the reproducible data order every trainer uses (samplers, per-sample seeding, the
+DataLoader helper), and the classification recipe's image datasets, list files,
+resampling and bad-image handling.
 
 Sources are ImageFolder trees (one sub-folder per class) and/or PBT list files (``.txt``,
 one image path per line, optionally followed by a label). Images decode straight to uint8
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pbt.config import ConfigError
 
@@ -489,6 +491,110 @@ def default_num_workers(num_processes: int = 1) -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(0, min(8, cpus // max(num_processes, 1) - 1))
+
+
+# -- reproducible data order (every trainer) -----------------------------------------------
+class ShuffleSampler(Sampler[int]):
+    """A permutation drawn from ``seed + epoch``: the same order on every process and after
+    a resume (PBT's sampler reshuffled nothing between epochs)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` so each sample's augmentation is seeded by what it is, not
+    by which worker or process loads it; forwards ``set_epoch`` to the wrapped sampler."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Loads ``(epoch, index)`` keys with torch's RNG seeded from (seed, epoch, index), so
+    random augmentation is identical with 0 or N workers, 1 or N processes, and on resume."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, samples of the dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, int):
+            return self.dataset[key]
+        epoch, index = key
+        # Only the CPU generator: torch.manual_seed would also queue CUDA seeding (slow), and
+        # the caller's RNG state (dropout in the main process) is put back afterwards.
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(saved)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int | None, seed: int,
+                     train: bool, sampler: Sampler[int] | None = None,
+                     drop_last: bool = False, processes_here: int = 1) -> DataLoader:
+    """A DataLoader whose order and augmentation depend only on ``seed`` and the epoch.
+
+    ``batch_size`` is per process. ``num_workers`` None: :func:`default_num_workers` for
+    ``processes_here`` training processes on this machine. Sharding across processes is
+    done later by ``accelerator.prepare`` (by global rank).
+    """
+    if sampler is None:
+        sampler = ShuffleSampler(len(dataset), seed, shuffle=train)  # type: ignore[arg-type]
+    workers = default_num_workers(processes_here) if num_workers is None else num_workers
+    return DataLoader(
+        SeededDataset(dataset, seed),
+        batch_size=batch_size,
+        sampler=EpochSampler(sampler),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=drop_last,
+    )
 
 
 # -- the embedded dataset ------------------------------------------------------------------

@@ -55,7 +55,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
 
     Returns ``(model, checkpoint_dict)``; nothing pickled is executed.
     """
-    from pbt.checkpoint import safe_load
+    from pbt.checkpoint import safe_load, strip_module_prefix
     from pbt.models import build_model
     from pbt.prune import apply_prune_history
 
@@ -73,10 +73,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         )
     if not isinstance(ckpt["model"], dict):
         raise ConfigError(f"checkpoint: {str(path)!r} 'model' entry is not a state_dict")
-    model = build_model(ckpt["net_type"], num_classes)
+    model = build_model(ckpt["net_type"], num_classes, width_mult=ckpt.get("width_mult", 1.0))
     if ckpt.get("prune_history"):
         apply_prune_history(model, example_input(ckpt), ckpt["prune_history"])
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state = strip_module_prefix(ckpt["model"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

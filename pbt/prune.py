@@ -523,6 +523,63 @@ def measure_model(model: nn.Module, example_inputs: torch.Tensor, runs: int = 30
     return {"params": params, "macs": macs, "latency_ms": 1000 * statistics.median(times)}
 
 
+def prune_for_training(trainer: Any, model: nn.Module) -> tuple[nn.Module, Callback]:
+    """The whole pruning flow of a training run, in one place: measure ``model``, prune it
+    (``prune_method``, ``prune_ratio``, ...), measure again, and return the pruned model
+    with a :class:`PruneReport` callback that measures the fine-tuned model at the end.
+
+    Called once by the engine on the plain model, before the optimizer is built and before
+    ``accelerator.prepare``. ``trainer.example_inputs()`` traces the model and
+    ``trainer.evaluate_model(model)`` gives the test metrics (top-1 for classifiers).
+    """
+    cfg, example = trainer.cfg, trainer.example_inputs()
+    before = {**measure_model(model, example), **trainer.evaluate_model(model)}
+    result = prune_model(model, example, method=cfg.prune_method, ratio=cfg.prune_ratio,
+                         round_to=cfg.round_to or None, global_pruning=cfg.prune_global,
+                         ignored_layers=cfg.prune_ignore or None,
+                         iterative_steps=cfg.prune_steps, backend=cfg.prune_backend)
+    after = {**measure_model(model, example), **trainer.evaluate_model(model)}
+    trainer.prune_history = (trainer.prune_history or []) + result.history
+    report = {"method": cfg.prune_method, "backend": cfg.prune_backend,
+              "ratio": cfg.prune_ratio, "round_to": cfg.round_to, "global": cfg.prune_global,
+              "input_shape": list(getattr(example, "shape", [])),
+              "before_pruning": before, "after_pruning": after}
+    metrics = ", ".join(f"test {k} {before[k]:.2f} -> {after[k]:.2f}" for k in before
+                        if k not in ("params", "macs", "latency_ms"))
+    trainer.log(f"pruned ({cfg.prune_method}, ratio {cfg.prune_ratio}): params "
+                f"{before['params']:,} -> {after['params']:,}, MACs {before['macs']:,} -> "
+                f"{after['macs']:,}, CPU latency {before['latency_ms']:.2f} -> "
+                f"{after['latency_ms']:.2f} ms" + (f", {metrics}" if metrics else ""))
+    return model, PruneReport(report, example)
+
+
+class PruneReport(Callback):
+    """After training: measures the fine-tuned model, adds the last and best test values of
+    the metrics measured before pruning, and writes ``prune_report.json`` (main process)."""
+
+    def __init__(self, report: dict, example_inputs: Any) -> None:
+        self.report, self.example_inputs = report, example_inputs
+
+    def on_train_end(self, logs: dict) -> None:
+        import json
+
+        from pbt.checkpoint import write_json_atomic
+
+        trainer = self.trainer
+        if not trainer.is_main_process:
+            return
+        final = measure_model(trainer.unwrapped_model, self.example_inputs)
+        for name in self.report["before_pruning"]:
+            if name in final:
+                continue
+            values = [e["test"][name] for e in trainer.history if name in e.get("test", {})]
+            final[name] = values[-1] if values else None
+            final[f"best_{name}"] = max(values) if values else None
+        self.report["after_finetuning"] = final
+        write_json_atomic(trainer.run_dir / "prune_report.json", self.report)
+        trainer.log("prune report: " + json.dumps(self.report))
+
+
 class SlimRegularizer(Callback):
     """Network Slimming's BN-sparsity term: adds ``slim_reg * sign(gamma)`` to BN grads.
 
@@ -538,8 +595,8 @@ class SlimRegularizer(Callback):
             raise ConfigError(f"slim_reg: {slim_reg!r} must be a number >= 0")
         self.slim_reg = float(slim_reg)
 
-    def on_after_backward(self, engine: Any, logs: dict) -> None:
-        accelerator = getattr(engine, "accelerator", None)
+    def on_after_backward(self, batch: int, logs: dict) -> None:
+        accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is not None and not getattr(accelerator, "sync_gradients", True):
             return
         scale = 1.0
@@ -548,7 +605,7 @@ class SlimRegularizer(Callback):
             scale = float(scaler.get_scale())
         step = self.slim_reg * scale
         with torch.no_grad():
-            for module in engine.unwrapped_model.modules():
+            for module in self.trainer.unwrapped_model.modules():
                 if (
                     isinstance(module, nn.modules.batchnorm._BatchNorm)
                     and module.weight is not None

@@ -2,10 +2,10 @@
 
 Each schedule is a pure function of the optimizer step about to be taken, so it is exact
 after a resume, under gradient accumulation and with any number of processes: it never
-counts hook calls. With ``S = engine.steps_per_epoch`` (optimizer steps per epoch),
-``E = engine.num_epochs`` and ``N = E * S``:
+counts hook calls. With ``S = trainer.steps_per_epoch`` (optimizer steps per epoch),
+``E = trainer.num_epochs`` and ``N = E * S``:
 
-- ``s = engine.global_step + 1`` is the 1-based index of the upcoming optimizer step and
+- ``s = trainer.global_step + 1`` is the 1-based index of the upcoming optimizer step and
   ``t = (s - 1) / S`` its epoch as a float: step ``s`` lies in epoch ``(s - 1) // S``
   (0-based), and epoch ``k`` starts at step ``k * S + 1``.
 - Warm-up lasts ``W = round(num_warn_up * S)`` steps: ``factor = s / W``, small but positive
@@ -36,6 +36,7 @@ or negative at any step.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,9 @@ from typing import Any
 
 from pbt.callbacks import Callback
 from pbt.config import DEFAULTS, ConfigError
+
+SCHEDULE_KEYS = ("scheduler", "lr", "num_epochs", "num_warn_up", "milestones", "gamma",
+                 "min_lr", "lr_power")
 
 SCHEDULER_NAMES = ("multi-step", "cosine", "ExpLR", "LambdaLR")
 
@@ -70,7 +74,7 @@ class LRSchedule(Callback):
     """Base of the schedules: linear warm-up over ``num_warn_up`` epochs, then :meth:`decay`.
 
     ``min_factor`` is a floor on the factor after warm-up (``min_lr / lr``). The schedule
-    holds no state of its own (everything follows from ``engine.global_step``), so
+    holds no state of its own (everything follows from ``trainer.global_step``), so
     ``state_dict()`` is empty and a resumed run needs nothing but the optimizer's state.
     """
 
@@ -113,25 +117,26 @@ class LRSchedule(Callback):
             return 1.0
         return min(1.0, max(0.0, (step - 1 - warmup) / span))
 
-    def _apply(self, engine: Any, logs: dict) -> None:
-        factor = self.lr_factor(engine.global_step + 1, engine.steps_per_epoch,
-                                engine.num_epochs)
-        groups = engine.optimizer.param_groups
+    def _apply(self, logs: dict | None) -> None:
+        trainer = self.trainer
+        factor = self.lr_factor(trainer.global_step + 1, trainer.steps_per_epoch,
+                                trainer.num_epochs)
+        groups = trainer.optimizer.param_groups
         for group in groups:
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * factor
         if logs is not None and groups:
             logs["lr"] = groups[0]["lr"]
 
-    def on_train_begin(self, engine: Any, logs: dict) -> None:
+    def on_train_begin(self, logs: dict) -> None:
         # Also sets the first step's LR so whatever reads it before the first batch sees it.
-        self._apply(engine, logs)
+        self._apply(logs)
 
-    def on_batch_begin(self, engine: Any, logs: dict) -> None:
-        self._apply(engine, logs)
+    def on_batch_begin(self, batch: int, logs: dict) -> None:
+        self._apply(logs)
 
     def state_dict(self) -> dict:
-        """Empty: the LR follows from ``engine.global_step`` and the groups' ``initial_lr``."""
+        """Empty: the LR follows from ``trainer.global_step`` and the groups' ``initial_lr``."""
         return {}
 
 
@@ -255,11 +260,10 @@ def build_scheduler(cfg: Mapping[str, Any]) -> LRSchedule:
     if num_epochs < 1:
         raise ConfigError(f"key 'num_epochs' has value {num_epochs!r}; expected an integer >= 1")
     num_warn_up = _number(cfg, "num_warn_up")
-    if not 0 <= num_warn_up <= num_epochs:
-        raise ConfigError(
-            f"key 'num_warn_up' has value {_get(cfg, 'num_warn_up')!r}; expected a number of "
-            f"epochs between 0 and num_epochs ({num_epochs})"
-        )
+    if num_warn_up < 0:
+        raise ConfigError(f"key 'num_warn_up' has value {num_warn_up!r}; expected a number of "
+                          "epochs >= 0")
+    num_warn_up = min(num_warn_up, num_epochs)  # PBT configs warm up longer than short runs
     if _get(cfg, "min_lr") is None:
         min_factor = 0.01 if name in ("cosine", "LambdaLR") else 0.0
     else:
@@ -365,7 +369,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--steps-per-epoch {args.steps_per_epoch}; expected >= 1")
         cfg = dict(DEFAULTS)
         if args.config_file:
-            cfg.update(read_yaml(args.config_file))  # its errors name the file and key
+            data = read_yaml(args.config_file)
+            # a recipe's YAML holds other keys too; only near-misses of schedule keys are errors
+            for key in data:
+                close = difflib.get_close_matches(str(key), SCHEDULE_KEYS, n=1, cutoff=0.75)
+                if key not in DEFAULTS and close:
+                    raise ConfigError(f"config file {args.config_file!r}: unknown key {key!r}; "
+                                      f"did you mean {close[0]!r}?")
+            cfg.update({k: v for k, v in data.items() if k in SCHEDULE_KEYS})
         names = args.scheduler or cfg["scheduler"]
         try:
             for name in names if isinstance(names, list) else [names]:

@@ -13,18 +13,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pbt.config import Config, ConfigError, parse_config
-from pbt.engine import EngineTrainer, launch
+from pbt.config import Config, Key, parse_config
+from pbt.engine import EngineTrainer
+from pbt.launch import launch
+from pbt.models import NET_TYPES
 
-# train_transform presets: random-resized-crop scale and horizontal flip.
+# train_transform presets: random-resized-crop scale and horizontal flip. PBT's names:
+# "train" is the default augmentation, "val" (test_transform) the resize + center crop.
 TRAIN_TRANSFORMS = {
     "default": {"crop_scale": (0.08, 1.0), "hflip": True},
+    "train": {"crop_scale": (0.08, 1.0), "hflip": True},
     "light": {"crop_scale": (0.6, 1.0), "hflip": False},
     "none": {"crop_scale": (1.0, 1.0), "hflip": False},
 }
+
+# The recipe's own config keys (the engine's are in pbt.config.CORE_KEYS).
+KEYS = [
+    Key("train_data", "paths", None, "ImageFolder dirs or list files (null: digits)", path=True),
+    Key("test_data", "paths", None, "ImageFolder dirs or list files (null: digits)", path=True),
+    Key("net_type", str, "resnet18", "backbone", choices=NET_TYPES),
+    Key("width_mult", float, 1.0, "mobilenet_v2 width multiplier"),
+    Key("pretrained", "bool_or_str", False, "true: torchvision's ImageNet weights; or a file",
+        check=lambda v: None if not isinstance(v, str) or Path(v).is_file()
+        else "true, false or an existing weight file"),
+    Key("input_size", "int_list", [32, 32], "[W, H]",
+        check=lambda v: None if len(v) == 2 and min(v) > 0 else "[W, H] > 0"),
+    Key("rgb_mean", "float_list", [0.5, 0.5, 0.5], "normalisation mean (0..1 scale)",
+        check=lambda v: None if len(v) == 3 else "3 numbers"),
+    Key("rgb_std", "float_list", [0.5, 0.5, 0.5], "normalisation std (0..1 scale)",
+        check=lambda v: None if len(v) == 3 else "3 numbers"),
+    Key("train_transform", str, "default", "augmentation preset", choices=tuple(TRAIN_TRANSFORMS)),
+    Key("test_transform", str, "default", "resize + center crop (PBT: val)",
+        choices=("default", "val")),
+    Key("resample", str, "none", "class balancing", choices=("none", "mean", "sqrt", "log")),
+    Key("skip_bad_images", bool, False, "skip unreadable images with one warning"),
+]
 
 
 class ClassificationTrainer(EngineTrainer):
@@ -46,12 +73,8 @@ class ClassificationTrainer(EngineTrainer):
         from pbt.data import ResampleSampler, build_dataset, build_transforms
 
         train_data, _ = self.data_sources(cfg)
-        preset = cfg.train_transform or "default"
-        if preset not in TRAIN_TRANSFORMS:
-            raise ConfigError(f"key 'train_transform' has value {preset!r}; expected one of "
-                              + ", ".join(TRAIN_TRANSFORMS))
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
-                                     **TRAIN_TRANSFORMS[preset])
+                                     **TRAIN_TRANSFORMS[cfg.train_transform])
         dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images,
                                 key="train_data")
         self.class_names = list(dataset.classes)
@@ -60,29 +83,50 @@ class ClassificationTrainer(EngineTrainer):
         sampler = None
         if cfg.resample != "none":  # class balancing by the sampler; the dataset is untouched
             sampler = ResampleSampler(dataset.targets, cfg.resample, cfg.seed)
-        return self.build_dataloader(dataset, cfg, train=True, sampler=sampler)
+        return self.build_dataloader(dataset, train=True, sampler=sampler)
 
     def build_test_loader(self, cfg: Config) -> DataLoader:
         from pbt.data import build_dataset, build_transforms
 
         _, test_data = self.data_sources(cfg)
-        if cfg.test_transform not in (None, "default"):
-            raise ConfigError(f"key 'test_transform' has value {cfg.test_transform!r}; "
-                              "expected 'default' (resize + center crop)")
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False)
         dataset = build_dataset(test_data, transform, class_names=self.class_names,
                                 skip_bad_images=cfg.skip_bad_images, key="test_data")
         self.log(f"test data: {len(dataset)} images")
-        return self.build_dataloader(dataset, cfg, train=False)
+        return self.build_dataloader(dataset, train=False)
 
     def build_model(self, cfg: Config) -> nn.Module:
         from pbt.models import build_model
 
-        model = build_model(cfg.net_type, self.num_classes, pretrained=cfg.pretrained)
-        weights = cfg.finetune if isinstance(cfg.finetune, str) else cfg.model_file
-        if weights:
-            self.load_weights(model, weights)
-        return model
+        return build_model(cfg.net_type, self.num_classes, pretrained=cfg.pretrained,
+                           width_mult=cfg.width_mult)
+
+    # -- what the engine asks of a task ---------------------------------------------------
+    def run_name_parts(self, cfg: Config) -> list[str]:
+        width, height = cfg.input_size
+        return [cfg.net_type, str(width), str(height), cfg.loss_type]
+
+    def example_inputs(self) -> torch.Tensor:
+        width, height = self.cfg.input_size
+        return torch.randn(1, 3, height, width)
+
+    @torch.no_grad()
+    def evaluate_model(self, model: nn.Module) -> dict[str, float]:
+        """Test top-1 of a plain model (the pruning report's before / after)."""
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        for images, labels in self.test_loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += int(labels.numel())
+        model.train(was_training)
+        return {"top1": 100.0 * correct / max(total, 1)}
+
+    def checkpoint_meta(self) -> dict:
+        cfg = self.cfg
+        return {"net_type": cfg.net_type, "num_classes": self.num_classes,
+                "class_names": self.class_names, "input_size": list(cfg.input_size),
+                "width_mult": cfg.width_mult}
 
 
 def main(cfg: Config) -> dict:
@@ -91,4 +135,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     # classification.yaml beside this file is the recipe's default config; -c replaces it
-    launch(main, parse_config(default_file=Path(__file__).with_suffix(".yaml")))
+    launch(main, parse_config(default_file=Path(__file__).with_suffix(".yaml"), keys=KEYS))

@@ -51,10 +51,10 @@ def tiny_trainer_class():
             self.build(cfg)
 
         def build_train_loader(self, cfg):
-            return self.build_dataloader(NoisyBlobs(self.train_size, 0, augment=True), cfg, True)
+            return self.build_dataloader(NoisyBlobs(self.train_size, 0, augment=True), train=True)
 
         def build_test_loader(self, cfg):
-            return self.build_dataloader(NoisyBlobs(self.test_size, 1), cfg, False)
+            return self.build_dataloader(NoisyBlobs(self.test_size, 1), train=False)
 
         def build_model(self, cfg):
             return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(),

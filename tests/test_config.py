@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pbt.config import DEFAULTS, ConfigError, load_config, save_config
+from pbt.config import DEFAULTS, ConfigError, Key, load_config, save_config
+
+# keys a script declares itself (as the classification recipe does)
+SCRIPT_KEYS = [Key("input_size", "int_list", [32, 32], "[W, H]"),
+               Key("train_data", "paths", None, "data", path=True)]
 
 
 def write_yaml(path: Path, data: dict) -> str:
@@ -53,7 +57,8 @@ def test_bare_boolean_flag_means_true():
 
 
 def test_lists_from_command_line():
-    cfg = load_config(["--gpu_id", "0", "1", "--input_size", "64", "48", "--milestones", "3"])
+    cfg = load_config(["--gpu_id", "0", "1", "--input_size", "64", "48", "--milestones", "3"],
+                      keys=SCRIPT_KEYS)
     assert cfg.gpu_id == [0, 1]
     assert cfg.input_size == [64, 48]
     assert cfg.milestones == [3]
@@ -83,7 +88,7 @@ def test_misspelt_flag_names_flag_and_nearest():
 )
 def test_wrong_type_names_key_value_and_type(tmp_path, key, value, expected):
     with pytest.raises(ConfigError) as err:
-        load_config(["-c", write_yaml(tmp_path / "c.yaml", {key: value})])
+        load_config(["-c", write_yaml(tmp_path / "c.yaml", {key: value})], keys=SCRIPT_KEYS)
     message = str(err.value)
     assert key in message and repr(value) in message and expected in message
 
@@ -93,7 +98,7 @@ def test_bad_choice_and_missing_data_path(tmp_path):
         load_config(["--optim_type", "RMSprop"])
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError) as err:
-        load_config(["--train_data", missing])
+        load_config(["--train_data", missing], keys=SCRIPT_KEYS)
     assert "train_data" in str(err.value) and missing in str(err.value)
 
 

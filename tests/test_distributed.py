@@ -23,7 +23,7 @@ import torch
 from conftest import ROOT
 
 from pbt.config import ConfigError, load_config
-from pbt.engine import launched_world_size, plan_processes, select_gpus
+from pbt.launch import launched_world_size, plan_processes, select_gpus
 
 RECIPE = ROOT / "recipes" / "classification.py"
 TRAIN_SIZE, TEST_SIZE = 40, 37  # 37: the test set does not split evenly over 2 ranks
@@ -43,7 +43,7 @@ sys.path.insert(0, os.environ["PBT_RECIPES"])
 from classification import ClassificationTrainer  # noqa: E402
 
 from pbt.callbacks import Callback  # noqa: E402
-from pbt.engine import launch  # noqa: E402
+from pbt.launch import launch  # noqa: E402
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -64,15 +64,15 @@ class Probe(Callback):
     def __init__(self):
         self.epoch, self.seen, self.lrs, self.norms = 0, {}, [], []
 
-    def on_train_begin(self, engine, logs):
-        self.norms = sorted({type(m).__name__ for m in engine.unwrapped_model.modules()
+    def on_train_begin(self, logs):
+        self.norms = sorted({type(m).__name__ for m in self.trainer.unwrapped_model.modules()
                              if "Norm" in type(m).__name__})
 
-    def on_epoch_begin(self, engine, logs):
-        self.epoch = engine.epoch
+    def on_epoch_begin(self, epoch, logs):
+        self.epoch = epoch
 
-    def on_batch_end(self, engine, logs):
-        self.lrs.append(engine.lr)
+    def on_batch_end(self, batch, logs):
+        self.lrs.append(self.trainer.lr)
 
 
 class ProbeTrainer(ClassificationTrainer):
@@ -80,10 +80,10 @@ class ProbeTrainer(ClassificationTrainer):
         self.probe = Probe()
         super().__init__(cfg)
 
-    def build_dataloader(self, dataset, cfg, train, sampler=None):
+    def build_dataloader(self, dataset, *args, train=None, **kwargs):
         if train:
             dataset = Recorder(dataset, self.probe)
-        return super().build_dataloader(dataset, cfg, train, sampler)
+        return super().build_dataloader(dataset, *args, train=train, **kwargs)
 
     def build_callbacks(self, cfg):
         return super().build_callbacks(cfg) + [self.probe]

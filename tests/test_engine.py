@@ -10,7 +10,8 @@ import torch
 from conftest import NoisyBlobs, tiny_cfg
 
 from pbt.callbacks import Callback, ModelCheckpoint, TrainingError
-from pbt.engine import FocalLoss, LabelSmoothing, sum_losses
+from pbt.engine import sum_losses
+from pbt.losses import FocalLoss, LabelSmoothing
 
 
 class HookRecorder(Callback):
@@ -22,10 +23,11 @@ class HookRecorder(Callback):
             setattr(self, hook, self._recorder(hook))
 
     def _recorder(self, hook):
-        def record(engine, logs):
+        def record(*args):
             self.calls.append(hook)
-            assert engine.cfg is not None and engine.accelerator is not None
-            assert engine.optimizer is not None and engine.unwrapped_model is not None
+            trainer, logs = self.trainer, args[-1]
+            assert trainer.cfg is not None and trainer.accelerator is not None
+            assert trainer.optimizer is not None and self.model is trainer.model
             assert isinstance(logs, dict) and "train" in logs and "test" in logs
         return record
 
@@ -85,8 +87,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_trainer):
     steps = []
 
     class StepSpy(Callback):
-        def on_batch_end(self, engine, logs):
-            steps.append((engine.global_step, engine.lr))
+        def on_batch_end(self, batch, logs):
+            steps.append((self.trainer.global_step, self.trainer.lr))
 
     cfg = tiny_cfg(tmp_path, grad_accum_steps=2, num_epochs=2, num_warn_up=1)
     trainer = tiny_trainer(cfg, [StepSpy()], train_size=40)
@@ -142,19 +144,21 @@ def test_zero_metric_is_a_value_not_missing(tmp_path):
         epoch, global_step, is_main_process = 0, 0, False
 
     checkpoint = ModelCheckpoint(tmp_path, monitor="test/top1", mode="max")
-    checkpoint.on_epoch_end(Probe(), {"test": {"top1": 0.0}})
+    checkpoint.trainer = Probe()
+    checkpoint.on_epoch_end(0, {"test": {"top1": 0.0}})
     assert checkpoint.best == 0.0 and checkpoint.best_epoch == 1
     checkpoint_min = ModelCheckpoint(tmp_path, monitor="test/loss", mode="min")
-    checkpoint_min.on_epoch_end(Probe(), {"test": {"loss": 0.0}})
-    checkpoint_min.on_epoch_end(Probe(), {"test": {"loss": 0.5}})
+    checkpoint_min.trainer = Probe()
+    checkpoint_min.on_epoch_end(0, {"test": {"loss": 0.0}})
+    checkpoint_min.on_epoch_end(1, {"test": {"loss": 0.5}})
     assert checkpoint_min.best == 0.0
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_trainer):
     class PoisonAfterFirstEpoch(Callback):
-        def on_train_summary(self, engine, logs):
-            if engine.epoch == 1 and engine.batch_idx == 2:
-                engine.loss = engine.loss * float("nan")
+        def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs):
+            if epoch == 1 and batch == 2:
+                self.trainer.loss = self.trainer.loss * float("nan")
 
     cfg = tiny_cfg(tmp_path)
     trainer = tiny_trainer(cfg)

@@ -209,12 +209,10 @@ def test_finetune_from_pbt_style_file_with_other_classes(tmp_path, tiny_trainer)
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, old_file)
     cfg = tiny_cfg(tmp_path, finetune=True, model_file=str(old_file), num_epochs=1)
 
-    class Loading(tiny_trainer):
-        def build_model(self, cfg):
-            model = super().build_model(cfg)
-            self.load_weights(model, cfg.model_file)
-            self.loaded = {k: v.clone() for k, v in model.state_dict().items()}
-            return model
+    class Loading(tiny_trainer):  # the engine loads model_file after build_model
+        def build_optimizer(self, cfg):
+            self.loaded = {k: v.clone() for k, v in self.model.state_dict().items()}
+            return super().build_optimizer(cfg)
 
     trainer = Loading(cfg)
     assert torch.equal(trainer.loaded["0.weight"], source.state_dict()["0.weight"])

@@ -20,7 +20,7 @@ from conftest import tiny_trainer_class  # noqa: E402
 
 from pbt.callbacks import Callback  # noqa: E402
 from pbt.config import Config, parse_config  # noqa: E402
-from pbt.engine import launch  # noqa: E402
+from pbt.launch import launch  # noqa: E402
 
 
 class SignalAt(Callback):
@@ -29,9 +29,9 @@ class SignalAt(Callback):
         self.at, self.signum = (int(epoch), int(batch)), getattr(signal, "SIG" + name)
         self.rank = int(rank[0]) if rank else None
 
-    def on_batch_end(self, engine, logs):
-        mine = self.rank is None or self.rank == engine.accelerator.process_index
-        if mine and (engine.epoch + 1, engine.batch_idx + 1) == self.at:
+    def on_batch_end(self, batch, logs):
+        mine = self.rank is None or self.rank == self.trainer.accelerator.process_index
+        if mine and (self.trainer.epoch + 1, batch + 1) == self.at:
             os.kill(os.getpid(), self.signum)
 
 
