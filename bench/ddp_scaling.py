@@ -32,8 +32,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pbt.callbacks import Callback  # noqa: E402
-from pbt.config import Config, load_config  # noqa: E402
-from pbt.engine import EngineTrainer, launch  # noqa: E402
+from pbt.config import Config, Key, load_config  # noqa: E402
+from pbt.engine import EngineTrainer  # noqa: E402
+from pbt.launch import launch  # noqa: E402
 
 
 class RandomImages(Dataset):
@@ -55,23 +56,28 @@ class RandomImages(Dataset):
         return self.images[index % len(self.images)], self.targets[index % len(self.images)]
 
 
+BENCH_KEYS = [Key("net_type", str, "resnet18", "backbone"),
+              Key("input_size", "int_list", [32, 32], "[W, H]")]
+
+
 class StepTimer(Callback):
     """Wall time from the end of optimizer step ``warmup`` to the end of the last step."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
 
-    def _sync(self, engine: EngineTrainer) -> None:
-        if engine.accelerator.device.type == "cuda":
+    def _sync(self) -> None:
+        if self.trainer.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def on_batch_end(self, engine: EngineTrainer, logs: dict) -> None:
-        if engine.global_step == self.warmup:
-            self._sync(engine)
+    def on_batch_end(self, batch: int, logs: dict) -> None:
+        step = self.trainer.global_step
+        if step == self.warmup:
+            self._sync()
             self.start = time.perf_counter()
-        elif engine.global_step > self.warmup:
-            self._sync(engine)
-            self.end, self.steps = time.perf_counter(), engine.global_step - self.warmup
+        elif step > self.warmup:
+            self._sync()
+            self.end, self.steps = time.perf_counter(), step - self.warmup
 
 
 class BenchTrainer(EngineTrainer):
@@ -84,10 +90,10 @@ class BenchTrainer(EngineTrainer):
 
     def build_train_loader(self, cfg: Config) -> torch.utils.data.DataLoader:
         size = cfg.batch_size * self.accelerator.num_processes * self.total_steps
-        return self.build_dataloader(RandomImages(size, cfg.input_size, 10), cfg, train=True)
+        return self.build_dataloader(RandomImages(size, cfg.input_size, 10), train=True)
 
     def build_test_loader(self, cfg: Config) -> torch.utils.data.DataLoader:
-        return self.build_dataloader(RandomImages(cfg.batch_size, cfg.input_size, 10), cfg,
+        return self.build_dataloader(RandomImages(cfg.batch_size, cfg.input_size, 10),
                                      train=False)
 
     def build_model(self, cfg: Config) -> torch.nn.Module:
@@ -116,7 +122,7 @@ def worker(cfg: Config) -> dict:
 
 def measure(args: argparse.Namespace, processes: int, work_dir: str) -> dict:
     cfg = load_config(
-        [], work_dir=work_dir, run_name=f"p{processes}_{args.mixed_precision}",
+        [], keys=BENCH_KEYS, work_dir=work_dir, run_name=f"p{processes}_{args.mixed_precision}",
         net_type=args.net_type, input_size=args.input_size, batch_size=args.batch_size,
         num_workers=args.workers, progress=False, num_epochs=1, lr=0.01, num_warn_up=0,
         mixed_precision=args.mixed_precision, main_process_port=0,

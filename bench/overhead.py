@@ -68,7 +68,7 @@ def hand_written(args, train, test) -> float:
 def with_pbt(args, train, test, work: Path, round_index: int) -> float:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from pbt.config import load_config
+    from pbt.config import Key, load_config
     from pbt.engine import EngineTrainer
 
     class Trainer(EngineTrainer):
@@ -78,17 +78,19 @@ def with_pbt(args, train, test, work: Path, round_index: int) -> float:
             self.build(cfg)
 
         def build_train_loader(self, cfg):
-            return self.build_dataloader(train, cfg, train=True)
+            return self.build_dataloader(train, train=True)
 
         def build_test_loader(self, cfg):
-            return self.build_dataloader(test, cfg, train=False)
+            return self.build_dataloader(test, train=False)
 
         def build_model(self, cfg):
             import torchvision
 
             return getattr(torchvision.models, args.net)(num_classes=10)
 
-    cfg = load_config([], work_dir=str(work), run_name=f"round{round_index}", net_type=args.net,
+    keys = [Key("net_type", str, "resnet18"), Key("input_size", "int_list", [32, 32])]
+    cfg = load_config([], keys=keys, work_dir=str(work), run_name=f"round{round_index}",
+                      net_type=args.net,
                       num_epochs=args.epochs, batch_size=args.batch_size, lr=0.05,
                       scheduler="cosine", num_workers=0, progress=False,
                       input_size=[args.size, args.size])

@@ -25,6 +25,9 @@ from conftest import ROOT
 from pbt.config import ConfigError, load_config
 from pbt.launch import launched_world_size, plan_processes, select_gpus
 
+sys.path.insert(0, str(ROOT / "recipes"))
+from classification import KEYS  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "classification.py"
 TRAIN_SIZE, TEST_SIZE = 40, 37  # 37: the test set does not split evenly over 2 ranks
 BATCH = 4  # per process: 40 / 4 = 10 batches, 5 per rank, no padding in training
@@ -40,9 +43,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.environ["PBT_RECIPES"])
-from classification import ClassificationTrainer  # noqa: E402
+from classification import KEYS, ClassificationTrainer  # noqa: E402
 
 from pbt.callbacks import Callback  # noqa: E402
+from pbt.config import parse_config  # noqa: E402
 from pbt.launch import launch  # noqa: E402
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -128,7 +132,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    launch(main)
+    launch(main, parse_config(keys=KEYS))
 '''
 
 
@@ -330,7 +334,7 @@ def test_two_processes_train_as_one(tmp_path, small_data, probe):
     spec = importlib.util.spec_from_file_location("dist_probe", probe)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = load_config(train_args(small_data, work, "one", batch_size=2 * BATCH))
+    cfg = load_config(train_args(small_data, work, "one", batch_size=2 * BATCH), keys=KEYS)
     single = module.ProbeTrainer(cfg)
     assert single.steps_per_epoch == TRAIN_SIZE // (2 * BATCH) == 5
     single_summary = single.run()

@@ -193,9 +193,9 @@ def test_slim_regularizer_adds_sign_of_bn_scale():
     net = _bn_net()
     plain = _backward(net)
     _backward(net)
-    SlimRegularizer(slim_reg=0.01).on_after_backward(
-        SimpleNamespace(unwrapped_model=net, accelerator=None), {}
-    )
+    reg = SlimRegularizer(slim_reg=0.01)
+    reg.trainer = SimpleNamespace(unwrapped_model=net, accelerator=None)
+    reg.on_after_backward(0, {})
     # d/dgamma of 0.01 * sum|gamma| is 0.01 * sign(gamma); sign(0) = 0
     expected = plain["1.weight"] + torch.tensor([0.01, -0.01, 0.0, 0.01])
     assert torch.allclose(net[1].weight.grad, expected, atol=1e-7, rtol=0)
@@ -212,21 +212,23 @@ def test_slim_regularizer_follows_accumulation_and_loss_scale():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     engine = SimpleNamespace(unwrapped_model=net, accelerator=accelerator)
     reg = SlimRegularizer(slim_reg=0.01)
+    reg.trainer = engine
     with accelerator.accumulate(net):  # first micro-batch: no optimizer step follows
         _backward(net)
-        reg.on_after_backward(engine, {})
+        reg.on_after_backward(0, {})
     assert torch.equal(net[1].weight.grad, plain)
     with accelerator.accumulate(net):
         _backward(net)
-        reg.on_after_backward(engine, {})
+        reg.on_after_backward(1, {})
     assert torch.allclose(net[1].weight.grad, plain + 0.01 * torch.sign(net[1].weight),
                           atol=1e-7, rtol=0)
 
     # with an fp16 loss scale the gradients are still scaled right after backward
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     _backward(net)
-    reg.on_after_backward(SimpleNamespace(
-        unwrapped_model=net, accelerator=SimpleNamespace(sync_gradients=True, scaler=scaler)), {})
+    reg.trainer = SimpleNamespace(
+        unwrapped_model=net, accelerator=SimpleNamespace(sync_gradients=True, scaler=scaler))
+    reg.on_after_backward(0, {})
     assert torch.allclose(net[1].weight.grad, plain + 10.24 * torch.sign(net[1].weight),
                           atol=1e-5, rtol=0)
 
