@@ -449,9 +449,9 @@ class EngineTrainer(Engine):
         if self.accelerator.is_main_process:
             write_json_atomic(self.run_dir / "summary.json", summary)
             if summary["best"] is not None:
-                percent = "%" if summary["monitor"].rpartition("/")[2].startswith("top") else ""
-                self.log(f"best {summary['monitor'].replace('/', ' ')} {summary['best']:.4g}"
-                         f"{percent} at epoch "
+                top = summary["monitor"].rpartition("/")[2].startswith("top")  # percent
+                value = f"{summary['best']:.2f}%" if top else f"{summary['best']:.4g}"
+                self.log(f"best {summary['monitor'].replace('/', ' ')} {value} at epoch "
                          f"{summary['best_epoch']} of {summary['epochs']}; run dir "
                          f"{self.run_dir}")
         self.accelerator.wait_for_everyone()
