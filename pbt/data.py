@@ -573,7 +573,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int | None, seed: int,
-                     train: bool, sampler: Sampler[int] | None = None,
+                     shuffle: bool, sampler: Sampler[int] | None = None,
                      drop_last: bool = False, processes_here: int = 1) -> DataLoader:
     """A DataLoader whose order and augmentation depend only on ``seed`` and the epoch.
 
@@ -582,7 +582,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int | None,
     done later by ``accelerator.prepare`` (by global rank).
     """
     if sampler is None:
-        sampler = ShuffleSampler(len(dataset), seed, shuffle=train)  # type: ignore[arg-type]
+        sampler = ShuffleSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
     workers = default_num_workers(processes_here) if num_workers is None else num_workers
     return DataLoader(
         SeededDataset(dataset, seed),

@@ -332,17 +332,15 @@ class EngineTrainer(Engine):
                          sampler: Sampler[int] | None = None) -> DataLoader:
         """A loader whose order and augmentation depend only on seed and epoch, with PBT's
         arguments (batch size per process; ``pin_memory``, ``distributed``: pbt decides)."""
-        from pbt.data import ShuffleSampler, build_dataloader
+        from pbt.data import build_dataloader
 
         train = phase == "train" if train is None else train
-        if sampler is None:
-            sampler = ShuffleSampler(len(dataset), self.cfg.seed,  # type: ignore[arg-type]
-                                     shuffle=train if shuffle is None else shuffle)
         local = os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes
         return build_dataloader(
             dataset, batch_size or self.cfg.batch_size,
             self.cfg.num_workers if num_workers is None else num_workers, self.cfg.seed,
-            train, sampler, drop_last, processes_here=int(local))
+            shuffle=train if shuffle is None else shuffle, sampler=sampler,
+            drop_last=drop_last, processes_here=int(local))
 
     # -- task specifics (a recipe overrides these) ----------------------------------------
     def is_classifier(self) -> bool:

@@ -17,10 +17,10 @@ import torch
 from pbt.callbacks import TrainingError
 from pbt.config import Config, ConfigError, load_config
 
-# PBT's launch(main, num_gpus_per_machine=..., dist_url=..., args=(cfg,)) keywords: the
-# process count comes from gpu_id / num_processes / the launcher, so these are not needed.
 logger = logging.getLogger("pbt")
 
+# PBT's launch(main, num_gpus_per_machine=..., dist_url=..., args=(cfg,)) keywords: the
+# process count comes from gpu_id / num_processes / the launcher, so these are not needed.
 _PBT_LAUNCH_KEYWORDS = ("num_gpus_per_machine", "num_machines", "machine_rank", "dist_url",
                         "distributed")
 
@@ -95,8 +95,6 @@ def plan_processes(cfg: Config, cuda_devices: int) -> tuple[int, str | None]:
     from :func:`select_gpus` left visible). Without: ``num_processes`` (0 = 1) on CPU.
     """
     gpu_id, wanted = list(cfg.gpu_id), int(cfg.num_processes)
-    if wanted < 0:
-        raise ConfigError(f"key 'num_processes' has value {wanted!r}; expected 0 (auto) or more")
     if cuda_devices == 0:
         note = None
         if len(gpu_id) > 1:
