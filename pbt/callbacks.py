@@ -309,6 +309,26 @@ def _scalars(logs: dict, phase: str) -> dict[str, float]:
             if isinstance(value, (int, float)) and name not in ("count", "correct")}
 
 
+def _quiet_tensorboard_thread_on_full_disk() -> None:
+    """TensorBoard's writer thread prints a traceback when the disk fills; the training
+    thread then stops with pbt's one message about it, so that traceback is dropped."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_pbt", False):
+        return
+
+    def excepthook(args: Any) -> None:
+        from pbt.checkpoint import out_of_space
+
+        if type(args.thread).__name__ == "_AsyncWriterThread" and out_of_space(args.exc_value):
+            return
+        previous(args)
+
+    excepthook._pbt = True  # type: ignore[attr-defined]
+    threading.excepthook = excepthook
+
+
 class LogHistory(Callback):
     """TensorBoard: train loss (each dict-loss key too) and lr every ``log_freq`` optimizer
     steps, every epoch's train/test metrics, and the config as text. Main process only."""
@@ -324,6 +344,7 @@ class LogHistory(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: on resume, TensorBoard drops what the crashed run logged after the state
+        _quiet_tensorboard_thread_on_full_disk()
         self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.global_step or None)
         if trainer.global_step == 0:
             import yaml

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pbt.callbacks import TrainingError
 from pbt.config import ConfigError
 
 COMPLETE_MARK = "pbt-complete"
@@ -28,12 +30,88 @@ STATE_FILE = "pbt_state.pt"
 PREFIX = "step-"
 
 
+# -- a full disk ---------------------------------------------------------------------------
+class DiskFull(TrainingError):
+    """A save found no space (or hit ``ulimit -f``): its temporary files are removed and
+    every file saved before is intact. Exit code 75 (EX_TEMPFAIL: free space, resume)."""
+
+    exit_code = 75
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk, a quota or a file size limit;
+    torch and safetensors wrap the OS error in their own exception types."""
+    import errno
+
+    markers = ("No space left", "File too large", "Disk quota", "StorageFull", "FileTooLarge",
+               "file write failed")
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(marker in str(err) for marker in markers):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def save_failed(err: BaseException, path: Path, needed: int, largest: int = 0) -> TrainingError:
+    """The one-paragraph error for a save into ``path`` (about ``needed`` bytes; its
+    largest file reached ``largest`` bytes) that failed with ``err``: :class:`DiskFull`
+    when space (or ``ulimit -f``) is short."""
+    import resource
+
+    folder = Path(path).parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limited = limit != resource.RLIM_INFINITY and max(needed, largest) >= limit
+    intact = ("Its temporary files were removed and every file saved before is intact; "
+              "free space, then continue with --resume auto (or the run dir)")
+    if out_of_space(err) or free < needed or limited:
+        where = f"{_size(free)} free on its filesystem"
+        if limit != resource.RLIM_INFINITY:
+            where += f", files limited to {_size(limit)} by ulimit -f"
+        need = f"; about {_size(needed)} needed" if needed else ""
+        return DiskFull(f"no space to write {str(path)!r} ({where}{need}). {intact}")
+    return TrainingError(f"could not write {str(path)!r} ({type(err).__name__}: {err}). "
+                         + intact.replace("free space", "fix the cause"))
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def _tensor_bytes(state: Any) -> int:
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
+
+
 # -- weights files -----------------------------------------------------------------------
 def save_atomic(state: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary name, then rename: readers never see half a file."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = os.path.getsize(tmp) if os.path.lexists(tmp) else 0
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if not isinstance(err, Exception):
+            raise
+        before = os.path.getsize(path) if os.path.isfile(path) else 0  # the same model
+        raise save_failed(err, Path(path), max(before, written, _tensor_bytes(state)),
+                          written) from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -41,8 +119,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     import json
 
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    text = json.dumps(data, indent=2)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise save_failed(err, path, len(text)) from None
 
 
 def link_atomic(source: str | Path, target: str | Path) -> None:
@@ -148,11 +231,15 @@ def latest_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def find_resume(resume: str, work_dir: Path, run_prefix: str) -> tuple[Path, Path] | None:
-    """``(run_dir, state_dir)`` to resume from, or None (``auto`` with nothing usable).
+def find_resume(resume: str, work_dir: Path, run_prefix: str,
+                log: Callable[[str], None] = print) -> tuple[Path, Path] | None:
+    """``(run_dir, state_dir)`` to resume from, or None (``auto`` with no run to resume).
 
     ``resume`` is a run dir, a state dir inside one, or ``auto``: the newest run under
     ``work_dir`` whose name is ``run_prefix`` (or starts with it) holding a complete state.
+    In a run dir the newest state that verifies fully is taken; each newer one skipped is
+    logged with the reason. A damaged state named explicitly is an error naming the bad
+    file and the good state to use instead.
     """
     if resume == "auto":
         candidates = []
@@ -160,26 +247,89 @@ def find_resume(resume: str, work_dir: Path, run_prefix: str) -> tuple[Path, Pat
             for run_dir in Path(work_dir).iterdir():
                 if run_dir.is_dir() and (run_dir.name == run_prefix
                                          or run_dir.name.startswith(run_prefix + "_")):
-                    state = latest_state(run_dir)
-                    if state is not None:
-                        candidates.append((state.stat().st_mtime, run_dir, state))
+                    states = complete_states(run_dir)
+                    if states:
+                        candidates.append((states[-1].stat().st_mtime, run_dir))
         if not candidates:
             return None
-        _, run_dir, state = max(candidates)
-        return run_dir, state
+        run_dir = max(candidates)[1]
+        return run_dir, good_state(run_dir, log)
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"key 'resume': path {resume!r} does not exist")
     if (path / COMPLETE_MARK).is_file():
-        return path.parent.parent, path
-    state = latest_state(path)
-    if state is None:
+        problem = state_problem(path)
+        if problem is None:
+            return path.parent.parent, path
+        others = [s for s in complete_states(path.parent.parent) if s != path]
+        good = next((s for s in reversed(others) if state_problem(s) is None), None)
+        instead = (f"; resume from the newest good state instead: --resume {good}" if good
+                   else "; the run has no other good state")
+        raise ConfigError(f"key 'resume': the state {resume!r} is damaged: {problem}{instead}")
+    if not complete_states(path):
         raise ConfigError(
             f"key 'resume': {resume!r} holds no complete pbt training state (expected "
             f"{str(checkpoints_dir(path) / (PREFIX + '<step>'))!r} with a {COMPLETE_MARK!r} "
             "mark); pass a run directory written by pbt, or 'auto'"
         )
-    return path, state
+    return path, good_state(path, log)
+
+
+def good_state(run_dir: Path, log: Callable[[str], None]) -> Path:
+    """The newest state of ``run_dir`` that verifies; the ones skipped are logged."""
+    skipped = []
+    for state in reversed(complete_states(run_dir)):
+        problem = state_problem(state)
+        if problem is None:
+            for line in skipped:
+                log(f"resume: skipped {line}")
+            return state
+        skipped.append(f"{state.name}: {problem}")
+    raise ConfigError(f"key 'resume': no state in {str(run_dir)!r} is usable: "
+                      + "; ".join(skipped))
+
+
+def state_problem(state_dir: Path) -> str | None:
+    """Why a complete state cannot be resumed from (None when it can): a file missing,
+    of another size or checksum than when it was written, or not loading."""
+    import json
+
+    try:
+        manifest = json.loads((state_dir / COMPLETE_MARK).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    for name, (size, digest) in files.items():
+        path = state_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+        if _sha256(path) != digest:
+            return f"{name} does not match the checksum recorded when it was written"
+    if not (state_dir / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    try:
+        verify_state_files(state_dir)
+        if not files and (state_dir / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            load_file(str(state_dir / "model.safetensors"))
+    except ConfigError as err:
+        return str(err).removeprefix("key 'resume': ")
+    except Exception as err:  # safetensors' own error types
+        return f"model.safetensors does not load ({type(err).__name__}: {err})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
@@ -278,15 +428,14 @@ def check_model_fits(state_dir: Path, model: torch.nn.Module) -> None:
     else:
         saved = {k: tuple(v.shape) for k, v in safe_load(state_dir / "pytorch_model.bin").items()}
     own = {k.removeprefix("module."): tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, shape in saved.items():
-        key = key.removeprefix("module.")
-        if key not in own or own[key] != shape:
-            ours = own.get(key, "absent")
+    saved = {k.removeprefix("module."): shape for k, shape in saved.items()}
+    for key in [*saved, *(k for k in own if k not in saved)]:
+        if own.get(key) != saved.get(key):
             raise ConfigError(
                 f"key 'resume': the state in {str(state_dir)!r} was saved for another network "
-                f"(net_type or number of classes): key {key!r} has shape {shape} in the state "
-                f"and {ours} in this model"
-            )
+                f"(net_type or number of classes): key {key!r} has shape "
+                f"{saved.get(key, 'absent')} in the state and {own.get(key, 'absent')} in "
+                "this model")
 
 
 def capture_rng() -> dict:
@@ -359,28 +508,40 @@ def restore_callbacks_and_rng(state_dir: Path, accelerator: Any, callbacks: list
 
 def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dict,
                callbacks: list, keep: int) -> Path:
-    """Write a complete state atomically and keep the newest ``keep`` (all processes call)."""
+    """Write a complete state atomically and keep the newest ``keep`` (all processes call).
+
+    The completion mark records each file's size and SHA-256, which resume verifies. A
+    full disk removes the temporary folder and raises :class:`DiskFull`.
+    """
     rank_state = {"callbacks": callback_states(callbacks)}
     folder = checkpoints_dir(run_dir)
     final = folder / f"{PREFIX}{global_step:08d}"
     tmp = folder / f".tmp-{PREFIX}{global_step:08d}"
+    try:
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        torch.save({"rng": capture_rng(), **rank_state},
+                   tmp / f"pbt_rank_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            torch.save(pbt_state, tmp / STATE_FILE)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_mark(tmp, global_step)
+    except BaseException as err:
+        # a state takes about as much as the last one (or, the first, more than written)
+        needed = max(_folder_bytes(latest_state(run_dir)), _folder_bytes(tmp))
+        largest = max((p.stat().st_size for p in tmp.rglob("*") if p.is_file()), default=0)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):
+            raise
+        raise save_failed(err, tmp, needed, largest) from None
     if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save({"rng": capture_rng(), **rank_state},
-               tmp / f"pbt_rank_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        torch.save(pbt_state, tmp / STATE_FILE)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / COMPLETE_MARK, "w") as mark:
-            mark.write(f"{global_step}\n")
-            mark.flush()
-            os.fsync(mark.fileno())
         if final.exists():  # a state of this step is there already: the new one replaces it
             shutil.rmtree(final)
         tmp.rename(final)
@@ -391,6 +552,24 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _write_mark(state_dir: Path, global_step: int) -> None:
+    """The completion mark: written last, synced, with each file's size and checksum."""
+    import json
+
+    files = {str(p.relative_to(state_dir)): [p.stat().st_size, _sha256(p)]
+             for p in sorted(state_dir.rglob("*")) if p.is_file() and p.name != COMPLETE_MARK}
+    with open(state_dir / COMPLETE_MARK, "w") as mark:
+        mark.write(json.dumps({"global_step": global_step, "files": files}, indent=1))
+        mark.flush()
+        os.fsync(mark.fileno())
 
 
 def load_pbt_state(state_dir: Path) -> dict:
@@ -408,23 +587,118 @@ def load_rank_state(state_dir: Path, rank: int) -> dict:
     return safe_load(path)
 
 
-def open_resume_state(trainer: Any) -> dict:
-    """Check the state ``trainer.resume_from`` before anything is built from it: every file
-    loads as plain data, the process count matches, the model (after replaying a saved
-    pruning history) fits. Returns pbt's part of the state."""
-    state_dir = trainer.resume_from
-    verify_state_files(state_dir)
-    saved = load_pbt_state(state_dir)
-    world = trainer.accelerator.num_processes
-    if saved["world_size"] != world:
-        raise ConfigError(
-            f"key 'resume': the state in {str(state_dir)!r} was saved by {saved['world_size']} "
-            f"processes and this run has {world}; resume with the same number of processes "
-            "(the data order and optimizer shards depend on it)")
-    if saved.get("prune_history") is not None:
+def read_initial_state(trainer: Any) -> dict | None:
+    """Before the model is built, what it starts from, checked: a resumable state (the
+    process count and config match, see :func:`pbt.config.changed_on_resume`) or a
+    ``model_file`` / ``finetune`` file. Saved class names re-map the data's labels."""
+    cfg = trainer.cfg
+    if trainer.resume_from is not None:
+        state_dir = trainer.resume_from
+        saved = load_pbt_state(state_dir)
+        world = trainer.accelerator.num_processes
+        if saved["world_size"] != world:
+            raise ConfigError(
+                f"key 'resume': the state in {str(state_dir)!r} was saved by "
+                f"{saved['world_size']} processes and this run has {world}; resume with the "
+                "same number of processes (the data order and optimizer shards depend on it)")
+        check_resume_config(trainer, saved)
+        match_saved_classes(trainer, saved.get("class_names"),
+                            f"key 'resume': the state {str(state_dir)!r}", finetune=False)
+        return {"resume": saved}
+    path = cfg.finetune if isinstance(cfg.finetune, str) else cfg.model_file
+    if not path:
+        if cfg.finetune:
+            raise ConfigError("key 'finetune' is true, but no model_file is given to load")
+        if cfg.eval_only:
+            trainer.log("eval_only without model_file: evaluating the weights build_model made")
+        return None
+    key = "finetune" if isinstance(cfg.finetune, str) else "model_file"
+    if not Path(path).is_file():
+        raise ConfigError(f"key {key!r}: weight file {str(path)!r} does not exist")
+    loaded = safe_load(Path(path), key=key)
+    names = loaded.get("class_names") if isinstance(loaded, dict) else None
+    match_saved_classes(trainer, names, f"key {key!r}: {str(path)!r}", bool(cfg.finetune))
+    return {"file": path, "key": key, "loaded": loaded}
+
+
+def load_initial_weights(trainer: Any, initial: dict | None) -> dict | None:
+    """On the freshly built plain model: replay a saved pruning history, then check that
+    a resumable state fits (returned, loaded after ``prepare``) or load the weights file
+    (with ``finetune`` by name and shape, logging what is skipped; else every key)."""
+    if initial is None:
+        return None
+    saved = initial.get("resume") or initial["loaded"]
+    if isinstance(saved, dict) and saved.get("prune_history"):
         trainer.rebuild_pruned(trainer.model, saved["prune_history"])
-    check_model_fits(state_dir, trainer.model)
-    return saved
+    if "resume" in initial:
+        check_model_fits(trainer.resume_from, trainer.model)
+        return saved
+    path = initial["file"]
+    skipped = load_weights(trainer.model, path, strict=not trainer.cfg.finetune,
+                           key=initial["key"], loaded=saved)
+    trainer.log(f"loaded weights from {path}" + (
+        f"; skipped {len(skipped)} keys that do not fit: {', '.join(skipped)}" if skipped else ""))
+    return None
+
+
+# Keys a resume never reports as changed: where the run is, and how it was asked for.
+_RESUME_SILENT = ("resume", "run_name", "work_dir", "overwrite")
+
+
+def check_resume_config(trainer: Any, saved: dict) -> None:
+    """Refuse a resume whose config changes a key that is not ``safe_on_resume`` (listing
+    each, old → new); log the safe ones that change (they apply). The run keeps its name."""
+    from pbt.config import changed_on_resume, read_yaml
+
+    cfg, run_dir = trainer.cfg, trainer.resume_from.parent.parent
+    saved_cfg = saved.get("config")
+    if saved_cfg is None:  # a state written before states recorded their config
+        saved_cfg = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() \
+            else {}
+    refused, applied = changed_on_resume(saved_cfg, cfg)
+    if refused:
+        safe = sorted(name for name, key in cfg.keys_.items() if key.safe_on_resume)
+        raise ConfigError(
+            f"key 'resume': {str(trainer.resume_from)!r} was saved with another config, and "
+            "these keys change the data order, the model or the optimizer's path, so a resume "
+            f"cannot honour them: {'; '.join(refused)}. Resume with the saved values (see "
+            f"{str(run_dir / 'config.yaml')!r}), or start a new run with another --run_name. "
+            f"Keys that may change on resume: {', '.join(safe)}")
+    for line in applied:
+        if line.split(" ", 1)[0] not in _RESUME_SILENT:
+            trainer.log(f"resume: {line} (applied)")
+    cfg.run_name = saved_cfg.get("run_name", cfg.run_name)
+
+
+def match_saved_classes(trainer: Any, saved_names: list[str] | None, source: str,
+                        finetune: bool) -> None:
+    """Map the data's labels to a checkpoint's class order by name. A data class the
+    checkpoint lacks is an error, unless ``finetune`` (which then keeps the data's own
+    classes, as it does when the class sets differ)."""
+    ours = getattr(trainer, "class_names", None)
+    if not saved_names or not ours or list(saved_names) == list(ours):
+        return
+    saved_names = list(saved_names)
+    missing = [name for name in ours if name not in saved_names]
+    if finetune and set(ours) != set(saved_names):
+        trainer.log(f"{source}: the data's classes differ from the file's (new: "
+                    f"{', '.join(missing) or 'none'}); the layers that do not fit train anew")
+        return
+    if missing:
+        raise ConfigError(
+            f"{source} was trained on other classes: {', '.join(map(repr, missing[:10]))} of "
+            f"the data {'is' if len(missing) == 1 else 'are'} not among its {len(saved_names)} "
+            f"classes ({', '.join(saved_names[:20])}); finetune: true trains on new classes")
+    for loader in (trainer.train_loader, trainer.test_loader):
+        dataset = getattr(loader, "dataset", None)
+        if not hasattr(dataset, "relabel"):
+            raise ConfigError(f"{source} lists the classes in another order than the data, and "
+                              f"the dataset {type(dataset).__name__} has no relabel(class_names) "
+                              "method to map its labels by name")
+        dataset.relabel(saved_names)
+    trainer.class_names, trainer.num_classes = saved_names, len(saved_names)
+    trainer.log(f"{source}: the data's labels are mapped by name to its class order "
+                f"({len(saved_names)} classes)")
 
 
 def restore_trainer(trainer: Any, saved: dict) -> None:
@@ -441,59 +715,18 @@ def restore_trainer(trainer: Any, saved: dict) -> None:
                 f"batch {trainer.skip_batches}, global step {trainer.global_step}")
 
 
-def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
-    """``(run_dir, state to resume from or None)``; the main process decides for everyone.
-    Nothing is written here, so a bad ``resume`` changes nothing on disk."""
-    import time
-
-    from accelerate.utils import broadcast_object_list
-
-    cfg = trainer.cfg
-    holder: list = [None, None, None]
-    if trainer.accelerator.is_main_process:
-        try:
-            prefix = cfg.run_name or "_".join(trainer.run_name_parts(cfg) + [cfg.flag or ""])
-            prefix = prefix.strip("_")
-            name = cfg.run_name or f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
-            run_dir, state = Path(cfg.work_dir) / name, None
-            if cfg.resume:
-                found = find_resume(cfg.resume, Path(cfg.work_dir), prefix)
-                if found is not None:
-                    run_dir, state = found
-                else:
-                    trainer.log(f"resume auto: no usable state under {cfg.work_dir}, "
-                                "starting fresh")
-            holder = [str(run_dir), str(state) if state else None, None]
-        except ConfigError as err:
-            holder = [None, None, str(err)]
-    if trainer.accelerator.num_processes > 1:
-        broadcast_object_list(holder)
-    if holder[2]:
-        raise ConfigError(holder[2])
-    return Path(holder[0]), (Path(holder[1]) if holder[1] else None)
-
-
 def save_trainer_state(trainer: Any, epoch: int, batches_done: int) -> Path:
     """A resumable state of ``trainer``, to go on at ``epoch`` after ``batches_done``."""
     import time
+
+    from pbt.config import plain_values
 
     pbt_state = {"epoch": epoch, "batches_done": batches_done,
                  "global_step": trainer.global_step, "history": trainer.history,
                  "world_size": trainer.accelerator.num_processes,
                  "seconds": trainer.seconds_before + time.time() - trainer.started,
-                 "prune_history": trainer.prune_history}
+                 "prune_history": trainer.prune_history,
+                 "class_names": getattr(trainer, "class_names", None),
+                 "config": plain_values(trainer.cfg)}
     return save_state(trainer.accelerator, trainer.run_dir, trainer.global_step, pbt_state,
                       trainer.callbacks, keep=trainer.cfg.keep_checkpoints)
-
-
-def load_model_file(trainer: Any, model: torch.nn.Module, path: str) -> None:
-    """``model_file`` / ``finetune`` weights into ``model``, replaying the file's pruning
-    history first. With ``finetune`` keys are matched by name and shape and the skipped
-    ones logged; otherwise every key must fit."""
-    key = "finetune" if isinstance(trainer.cfg.finetune, str) else "model_file"
-    saved = safe_load(Path(path), key=key)
-    if isinstance(saved, dict) and saved.get("prune_history"):
-        trainer.rebuild_pruned(model, saved["prune_history"])
-    skipped = load_weights(model, path, strict=not trainer.cfg.finetune, key=key, loaded=saved)
-    trainer.log(f"loaded weights from {path}" + (
-        f"; skipped {len(skipped)} keys that do not fit: {', '.join(skipped)}" if skipped else ""))

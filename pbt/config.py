@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -38,7 +39,9 @@ class Key:
     ``"int_list"``, ``"float_list"``, ``"str_list"``, ``"bool_or_str"``; ``nullable`` allows
     ``null``. ``choices`` are matched case-insensitively and stored as spelled here (PBT
     lower-cases names). ``check(value)`` returns an error text for a bad value, or None.
-    ``path`` checks that a path value exists.
+    ``path`` checks that a path value exists. ``safe_on_resume``: the key may take a new
+    value when a run is resumed (it changes neither the data order, the model nor the
+    optimizer's path); any other changed key makes ``--resume`` refuse the state.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Key:
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None
     path: bool = False
+    safe_on_resume: bool = False
 
     @property
     def type_name(self) -> str:
@@ -151,6 +155,12 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"a number >= {low}"
 
 
+def _plain_name(v: str) -> str | None:
+    if not v or "/" in v or "\\" in v or v in (".", "..") or v.startswith("~"):
+        return "a plain directory name inside work_dir (no '/', not '.' or '..')"
+    return None
+
+
 def _between_open(v: float) -> str | None:
     return None if 0.0 < v < 1.0 else "a number between 0 and 1 (exclusive)"
 
@@ -158,32 +168,42 @@ def _between_open(v: float) -> str | None:
 # The engine's keys. PBT's keep PBT's meaning; new ones follow the same flat style.
 CORE_KEYS: tuple[Key, ...] = (
     # run
-    Key("work_dir", str, "work_space", "where run directories are made"),
-    Key("run_name", str, None, "run directory name (default: made from the config)"),
-    Key("flag", str, "", "PBT: a suffix for the generated run name"),
+    Key("work_dir", str, "work_space", "where run directories are made", safe_on_resume=True),
+    Key("run_name", str, None, "run directory name (default: made from the config)",
+        check=_plain_name, safe_on_resume=True),
+    Key("overwrite", bool, False, "replace an existing run dir of the same name (off: a "
+        "fresh run there is refused)", safe_on_resume=True),
+    Key("flag", str, "", "PBT: a suffix for the generated run name", safe_on_resume=True),
     Key("seed", int, 0, "seed of data order, augmentation and initialisation"),
-    Key("gpu_id", "int_list", [0], "GPUs to train on; several mean DDP"),
-    Key("distributed", bool, False, "PBT's switch; several GPUs always mean DDP in pbt"),
-    Key("num_processes", int, 0, "CPU worker processes to start (0: one)", check=_at_least(0)),
-    Key("main_process_port", int, 29500, "port of the workers' rendezvous (0: any free)"),
-    Key("log_freq", int, 20, "log every N optimizer steps", check=_at_least(1)),
-    Key("progress", bool, True, "tqdm progress bar"),
-    Key("eval_only", bool, False, "only run the test loop once (with model_file)"),
+    Key("gpu_id", "int_list", [0], "GPUs to train on; several mean DDP", safe_on_resume=True),
+    Key("distributed", bool, False, "PBT's switch; several GPUs always mean DDP in pbt",
+        safe_on_resume=True),
+    Key("num_processes", int, 0, "CPU worker processes to start (0: one)", check=_at_least(0),
+        safe_on_resume=True),
+    Key("main_process_port", int, 29500, "port of the workers' rendezvous (0: any free)",
+        safe_on_resume=True),
+    Key("log_freq", int, 20, "log every N optimizer steps", check=_at_least(1),
+        safe_on_resume=True),
+    Key("progress", bool, True, "tqdm progress bar", safe_on_resume=True),
+    Key("eval_only", bool, False, "only run the test loop once (with model_file)",
+        safe_on_resume=True),
     Key("monitor", str, None, "metric for best.pth and early stopping, e.g. test/loss "
         "(default: test/top1 when accuracy is recorded, else test/loss)"),
     Key("monitor_mode", str, None, "max or min (default: min for losses, max otherwise)",
         choices=("max", "min")),
     Key("early_stop_patience", int, 0, "epochs without improvement before stopping (0: off)",
-        check=_at_least(0)),
-    Key("early_stop_min_delta", float, 0.0, "smallest change that counts as improvement"),
-    Key("resume", str, None, "a run dir, a state dir, or auto"),
+        check=_at_least(0), safe_on_resume=True),
+    Key("early_stop_min_delta", float, 0.0, "smallest change that counts as improvement",
+        safe_on_resume=True),
+    Key("resume", str, None, "a run dir, a state dir, or auto", safe_on_resume=True),
     Key("save_steps", int, 0, "also save a resumable state every N optimizer steps",
-        check=_at_least(0)),
-    Key("keep_checkpoints", int, 2, "resumable states kept", check=_at_least(1)),
+        check=_at_least(0), safe_on_resume=True),
+    Key("keep_checkpoints", int, 2, "resumable states kept", check=_at_least(1),
+        safe_on_resume=True),
     # data order
     Key("batch_size", int, 32, "batch size per process", check=_at_least(1)),
     Key("num_workers", int, None, "DataLoader workers (null: from the CPU count)",
-        check=_at_least(0)),
+        check=_at_least(0), safe_on_resume=True),
     # weights
     Key("model_file", str, None, "weights to start from (pbt or PBT-style .pth)", path=True),
     Key("finetune", "bool_or_str", False, "load model_file by name and shape, skipping misfits "
@@ -201,7 +221,7 @@ CORE_KEYS: tuple[Key, ...] = (
         choices=("CrossEntropyLoss", "CELoss", "LabelSmoothing", "FocalLoss")),
     Key("smoothing", float, 0.1, "LabelSmoothing amount"),
     Key("focal_gamma", float, 2.0, "FocalLoss gamma"),
-    Key("num_epochs", int, 10, "epochs to train", check=_at_least(1)),
+    Key("num_epochs", int, 10, "epochs to train", check=_at_least(1), safe_on_resume=True),
     Key("grad_accum_steps", int, None, "micro-batches per optimizer step (null: Accelerate's "
         "setting, else 1)", check=_at_least(1)),
     Key("clip_grad_norm", float, None, "clip the gradient norm to this"),
@@ -271,12 +291,35 @@ def _rebuild_config(values: dict, keys: list[Key], notes: list[str]) -> Config:
     return cfg
 
 
+# Names other libraries use for pbt's keys: a hint suggests the pbt key for them (and for
+# their misspellings: "lerning_rate" is nearest "learning_rate", so "lr").
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "epochs": "num_epochs", "max_epochs": "num_epochs",
+    "n_epochs": "num_epochs", "batchsize": "batch_size", "bs": "batch_size",
+    "train_batch_size": "batch_size", "wd": "weight_decay", "optimizer": "optim_type",
+    "optim": "optim_type", "warmup": "num_warn_up", "warmup_epochs": "num_warn_up",
+    "num_warmup": "num_warn_up", "workers": "num_workers", "model": "net_type",
+    "arch": "net_type", "backbone": "net_type", "output_dir": "work_dir",
+    "loss": "loss_type", "lr_scheduler": "scheduler", "accumulate_grad_batches":
+    "grad_accum_steps", "gradient_accumulation_steps": "grad_accum_steps",
+    "precision": "mixed_precision", "amp": "mixed_precision", "checkpoint": "model_file",
+    "weights": "model_file", "resume_from_checkpoint": "resume", "random_seed": "seed",
+}
+
+
 def nearest_key(key: str, valid: Iterable[str]) -> str:
-    """A hint naming the closest valid key, or all of them when none is close."""
+    """A hint naming the closest valid key (also through :data:`KEY_ALIASES`), or all of
+    them when none is close."""
     valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    spelled = key.lower().replace("-", "_")
+    names = {name: name for name in valid}
+    names.update({alias: name for alias, name in KEY_ALIASES.items() if name in names})
+    if spelled in names:
+        return f"did you mean {names[spelled]!r}?"
+    close = difflib.get_close_matches(spelled, list(names), n=1, cutoff=0.75) or \
+        difflib.get_close_matches(spelled, valid, n=1, cutoff=0.5)
     if close:
-        return f"did you mean {close[0]!r}?"
+        return f"did you mean {names[close[0]]!r}?"
     return "valid keys: " + ", ".join(sorted(valid))
 
 
@@ -349,6 +392,11 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
     # key=value tokens: a way round launchers (torchrun) whose parsers claim --flags
     pairs = [t for t in argv if "=" in t and not t.startswith("-")
              and t.split("=", 1)[0] in set(schema) | set(IGNORED_PBT_KEYS)]
+    for token in argv:  # "epochs=3" would otherwise be read as a value of the flag before it
+        name = token.split("=", 1)[0]
+        if token not in pairs and "=" in token and re.fullmatch(r"[A-Za-z_][\w-]*", name):
+            raise ConfigError(f"command line: unknown key {name!r} in {token!r}; "
+                              + nearest_key(name, schema))
     argv = [t for t in argv if t not in pairs]
     args, unknown = build_parser(schema).parse_known_args(argv)
     for token in unknown:
@@ -412,9 +460,25 @@ def parse_config(argv: list[str] | None = None, default_file: str | Path | None 
         raise SystemExit(2) from None
 
 
+def changed_on_resume(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """Keys whose value differs from the ``saved`` config, as ``"key old → new"`` lines:
+    (those that make a resume refuse, those applied). Keys the saved config lacks are
+    not compared (a state written before the key existed)."""
+    refused, applied = [], []
+    for name, key in cfg.keys_.items():
+        if name in saved and name in cfg and saved[name] != cfg[name]:
+            line = f"{name} {saved[name]!r} → {cfg[name]!r}"
+            (applied if key.safe_on_resume else refused).append(line)
+    return refused, applied
+
+
+def plain_values(cfg: Config) -> dict:
+    """The values of the declared keys (what a resumable state records)."""
+    return {name: cfg[name] for name in getattr(cfg, "keys_", DEFAULTS) if name in cfg}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (core and declared keys) so ``-c path`` re-runs it."""
     import yaml
 
-    data = {name: cfg[name] for name in getattr(cfg, "keys_", DEFAULTS) if name in cfg}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(plain_values(cfg), sort_keys=False))

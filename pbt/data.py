@@ -258,7 +258,17 @@ def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
     else:
         classes = sorted({label for _, _, label in entries if isinstance(label, str)})
         if not classes:  # only integer labels and no class_name.txt: the labels name classes
-            classes = [str(i) for i in range(max(int(label) for _, _, label in entries) + 1)]
+            labels = {int(label) for _, _, label in entries}
+            top = max(labels)
+            gaps = sorted(set(range(top + 1)) - labels)
+            if gaps:
+                line = next(n for n, _, label in entries if label == top)
+                raise ConfigError(
+                    f"list file {str(list_file)!r}: labels must be 0..N-1 with images for "
+                    f"each, but label(s) {', '.join(map(str, gaps[:20]))} have no images "
+                    f"while {list_file}:{line} uses label {top}; fix the labels, or name the "
+                    f"classes in {str(names_file)!r}")
+            classes = [str(i) for i in range(top + 1)]
     known = set(classes)
     samples = []
     for number, path, label in entries:
@@ -296,6 +306,16 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def relabel(self, classes: list[str]) -> None:
+        """Re-number the labels for another class order (a checkpoint's), by name."""
+        new_index = {name: index for index, name in enumerate(classes)}
+        missing = [name for name in self.classes if name not in new_index]
+        if missing:
+            raise ConfigError(f"relabel: classes {missing!r} are not in {classes!r}")
+        self.samples = [(path, new_index[self.classes[label]]) for path, label in self.samples]
+        self.targets = [label for _, label in self.samples]
+        self.classes, self.class_to_idx = list(classes), new_index
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]

@@ -22,15 +22,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pbt.callbacks import Callback, TrainingError, summarize
 from pbt.checkpoint import (
-    load_model_file,
-    open_resume_state,
-    resolve_run_dir,
+    load_initial_weights,
+    out_of_space,
+    read_initial_state,
     restore_trainer,
+    save_failed,
     save_trainer_state,
     write_json_atomic,
 )
-from pbt.config import Config, ConfigError, save_config
+from pbt.config import Config, ConfigError
 from pbt.launch import Preempted, accelerator_settings, setup_logging, stop_on_signals
+from pbt.rundir import open_run_dir, resolve_run_dir
 
 logger = logging.getLogger("pbt")
 
@@ -207,6 +209,7 @@ class EngineTrainer(Engine):
         set_seed(cfg.seed)
         self.started, self.seconds_before = time.time(), 0.0
         self.stop_signal: int | None = None
+        self.run_lock: Any = None  # pbt.rundir.RunLock of the main process
         self.prune_history: list | None = None
         self.logger = logger
         if accelerator.is_main_process:
@@ -219,16 +222,6 @@ class EngineTrainer(Engine):
         """Parts of the generated run name (before ``flag`` and a timestamp)."""
         return [type(self).__name__.removesuffix("Trainer").lower() or "run"]
 
-    def open_run_dir(self) -> None:
-        """Create the run dir, save the resolved config, start the log file."""
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            setup_logging(self.run_dir / "train.log")
-            if getattr(self, "class_names", None):  # predictions map back to names
-                (self.run_dir / "class_names.txt").write_text("\n".join(self.class_names) + "\n")
-        self.accelerator.wait_for_everyone()
-
     def log(self, message: str) -> None:
         """Log on the main process only (to the console and the run's train.log)."""
         if self.accelerator.is_main_process:
@@ -240,8 +233,9 @@ class EngineTrainer(Engine):
         ``build_optimizer`` sees the final ``self.model``), then ``accelerator.prepare``."""
         self.train_loader = self.build_train_loader(cfg)
         self.test_loader = self.build_test_loader(cfg)
+        initial = read_initial_state(self)  # checked, and the data's labels mapped to it
         self.model = self.build_model(cfg)
-        saved = self.load_initial_weights(cfg)
+        saved = load_initial_weights(self, initial)
         extra: list[Callback] = []
         if saved is None and cfg.use_prune:
             from pbt.prune import prune_for_training
@@ -262,9 +256,9 @@ class EngineTrainer(Engine):
         self.monitor_mode = cfg.monitor_mode or (
             "min" if "loss" in self.monitor.rpartition("/")[2] else "max")
         self.callbacks = list(self.build_callbacks(cfg)) + extra
-        self.open_run_dir()
         if saved is not None:
             self.restore(saved)
+        open_run_dir(self)  # the first write: every check has passed
 
     def build_train_loader(self, cfg: Config) -> DataLoader:
         raise NotImplementedError("build_train_loader not implemented")
@@ -368,20 +362,6 @@ class EngineTrainer(Engine):
         return len(getattr(self.train_loader, "dataset", ()))
 
     # -- weights, resumable states ---------------------------------------------------------
-    def load_initial_weights(self, cfg: Config) -> dict | None:
-        """Before training: a resumable state's structure (returned, loaded after
-        ``prepare``), or ``model_file`` / ``finetune`` weights into ``self.model``."""
-        if self.resume_from is not None:
-            return open_resume_state(self)
-        path = cfg.finetune if isinstance(cfg.finetune, str) else cfg.model_file
-        if path:
-            load_model_file(self, self.model, path)
-        elif cfg.finetune:
-            raise ConfigError("key 'finetune' is true, but no model_file is given to load")
-        elif cfg.eval_only:
-            self.log("eval_only without model_file: evaluating the weights build_model made")
-        return None
-
     def rebuild_pruned(self, model: nn.Module, history: list) -> None:
         """Replay a saved pruning history on a freshly built model (resume, model_file)."""
         from pbt.prune import apply_prune_history
@@ -430,10 +410,19 @@ class EngineTrainer(Engine):
                 for callback in self.callbacks:
                     if hasattr(callback, "join"):
                         callback.join()
+            return self.write_summary()
         except (TrainingError, ConfigError) as err:
             self.log(f"stopped: {err}")  # into train.log as well as the console
             raise
-        return self.write_summary()
+        except Exception as err:  # a full disk under any writer (TensorBoard, reports...)
+            if not out_of_space(err):
+                raise
+            error = save_failed(err, Path(getattr(err, "filename", None) or self.run_dir), 0)
+            self.log(f"stopped: {error}")
+            raise error from None
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     def summary(self) -> dict:
         """The monitored metric (best, its epoch, last), the last test metrics, counters."""

@@ -133,6 +133,22 @@ def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
     except TrainingError as err:
         print(f"pbt: stopped{where}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
+    except Exception as err:
+        if world == 1 or not _lost_a_peer(err):
+            raise
+        # another rank died: the launcher names it; a collective's traceback adds nothing
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        print(f"pbt: rank {rank} stopped: lost contact with another process of the job "
+              f"({reason[-160:]})", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process is gone."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo",
+               "NCCL", "ProcessGroup", "recvBytes", "sendBytes")
+    return isinstance(err, dist_error) or any(marker in str(err) for marker in markers)
 
 
 def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: int) -> Any:
@@ -225,6 +241,11 @@ class Preempted(TrainingError):
             f"same command plus: --resume {run_dir}")
 
 
+class _LogFile(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A full disk must not print a traceback per line: the console has the line."""
+
+
 def setup_logging(log_file: Path | None = None) -> None:
     """Console + file logging for the ``pbt`` logger (called by the trainer, not at import).
 
@@ -250,7 +271,7 @@ def setup_logging(log_file: Path | None = None) -> None:
             logger.removeHandler(buffer)
         logger.addHandler(MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1))
         return
-    file_handler = logging.FileHandler(log_file)
+    file_handler = _LogFile(log_file)
     file_handler.setFormatter(formatter)
     for buffer in buffers:
         buffer.setTarget(file_handler)

@@ -148,7 +148,9 @@ def test_kill_inside_a_save_keeps_previous_state(tmp_path):
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+    """Every file's size and mtime, but the run dir's lock (rewritten by each holder)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.name != ".pbt.lock"}
 
 
 def test_bad_resume_inputs_change_nothing(tmp_path, tiny_trainer):
@@ -180,12 +182,26 @@ def test_bad_resume_inputs_change_nothing(tmp_path, tiny_trainer):
     assert snapshot(tmp_path) == before
 
 
-def test_resume_refuses_pickled_code(tmp_path, tiny_trainer):
+def test_resume_refuses_pickled_code_in_every_file(tmp_path, tiny_trainer):
+    """An attacker who also rewrites the checksums still gets nothing unpickled."""
+    import shutil
+
+    from pbt.checkpoint import _write_mark
+
     tiny_trainer(tiny_cfg(tmp_path, num_epochs=1)).run()
     state = complete_states(tmp_path / "work" / "tiny")[-1]
-    torch.save({"payload": ConfigError("x")}, state / "pbt_state.pt")  # needs pickled code
-    with pytest.raises(ConfigError, match="refused"):
-        tiny_trainer(tiny_cfg(tmp_path, resume=str(tmp_path / "work" / "tiny")))
+    pickle_files = sorted(p.name for p in state.iterdir() if p.suffix in (".pt", ".bin", ".pkl"))
+    assert {"pbt_state.pt", "optimizer.bin", "pbt_rank_0.pt"} <= set(pickle_files)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(state, pristine)
+    for name in pickle_files:
+        shutil.rmtree(state)
+        shutil.copytree(pristine, state)
+        torch.save({"payload": ConfigError("x")}, state / name)  # needs pickled code
+        _write_mark(state, 5)
+        with pytest.raises(ConfigError, match="refused") as err:
+            tiny_trainer(tiny_cfg(tmp_path, resume=str(tmp_path / "work" / "tiny")))
+        assert name in str(err.value)
 
 
 def test_model_file_that_is_not_weights(tmp_path):

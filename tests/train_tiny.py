@@ -4,7 +4,13 @@
 
 With ``PBT_SIGNAL_AT=EPOCH,BATCH,SIGNAL[,RANK]`` the run (or that rank) sends itself SIGNAL
 (KILL, TERM, INT) after that batch (1-based), which is how tests crash or preempt it at a
-known point.
+known point. Faults inside saves, at a known point:
+
+- ``PBT_KILL_AT_WRITE=N``: SIGKILL just before the N-th file a save writes (torch.save or
+  safetensors, counted from the start of the run), so some files of it are on disk.
+  ``N=0`` kills nothing and prints ``writes: <count>`` at the end.
+- ``PBT_FSIZE_AT=EPOCH,BATCH,BYTES``: after that batch the kernel limits every file this
+  process writes to BYTES (``ulimit -f``): the next larger write fails as on a full disk.
 """
 
 from __future__ import annotations
@@ -35,9 +41,49 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class FileSizeLimitAt(Callback):
+    def __init__(self, spec: str) -> None:
+        epoch, batch, self.limit = (int(part) for part in spec.split(","))
+        self.at = (epoch, batch)
+
+    def on_batch_end(self, batch, logs):
+        if (self.trainer.epoch + 1, batch + 1) == self.at:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
+
+
+def kill_at_write(number: int) -> None:
+    import accelerate.utils.other
+    import torch
+
+    count = [0]
+
+    def counted(write):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            if count[0] == number:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(*args, **kwargs)
+        return wrapper
+
+    torch.save = counted(torch.save)
+    accelerate.utils.other.safe_save_file = counted(accelerate.utils.other.safe_save_file)
+    if number == 0:
+        import atexit
+
+        atexit.register(lambda: print(f"writes: {count[0]}", flush=True))
+
+
 def main(cfg: Config) -> dict:
-    spec = os.environ.get("PBT_SIGNAL_AT")
-    return tiny_trainer_class()(cfg, [SignalAt(spec)] if spec else []).run()
+    callbacks = []
+    if os.environ.get("PBT_SIGNAL_AT"):
+        callbacks.append(SignalAt(os.environ["PBT_SIGNAL_AT"]))
+    if os.environ.get("PBT_FSIZE_AT"):
+        callbacks.append(FileSizeLimitAt(os.environ["PBT_FSIZE_AT"]))
+    if os.environ.get("PBT_KILL_AT_WRITE") is not None:
+        kill_at_write(int(os.environ["PBT_KILL_AT_WRITE"]))
+    return tiny_trainer_class()(cfg, callbacks).run()
 
 
 if __name__ == "__main__":
