@@ -215,12 +215,13 @@ def _read_class_names(path: Path) -> list[str]:
     return names
 
 
-def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def _list_source(list_file: Path, training: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """Classes and (path, class name) samples of a PBT list file.
 
     A line is ``path`` (class = parent folder name) or ``path label`` (label = index into
     the class order, or a class name). Class order: ``class_name.txt`` next to the list
-    file, else sorted names.
+    file, else sorted names. With integer labels only, a training list must use every
+    label 0..N-1 (a test list may lack some classes).
     """
     base = list_file.parent
     names_file = base / "class_name.txt"
@@ -261,7 +262,7 @@ def _list_source(list_file: Path) -> tuple[list[str], list[tuple[str, str]]]:
             labels = {int(label) for _, _, label in entries}
             top = max(labels)
             gaps = sorted(set(range(top + 1)) - labels)
-            if gaps:
+            if gaps and training:
                 line = next(n for n, _, label in entries if label == top)
                 raise ConfigError(
                     f"list file {str(list_file)!r}: labels must be 0..N-1 with images for "
@@ -357,7 +358,7 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
         if path.is_dir():
             source_classes, source_samples = _folder_source(path)
         elif path.is_file() and path.suffix.lower() == ".txt":
-            source_classes, source_samples = _list_source(path)
+            source_classes, source_samples = _list_source(path, training=class_names is None)
         elif path.exists():
             raise ConfigError(
                 f"{key}: data source {str(path)!r} is neither a folder nor a .txt list file")

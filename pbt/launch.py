@@ -137,9 +137,10 @@ def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
         if world == 1 or not _lost_a_peer(err):
             raise
         # another rank died: the launcher names it; a collective's traceback adds nothing
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        reason = next((line for line in str(err).splitlines() if line.strip()),
+                      type(err).__name__).split(". ")[0]
         print(f"pbt: rank {rank} stopped: lost contact with another process of the job "
-              f"({reason[-160:]})", file=sys.stderr, flush=True)
+              f"({reason.strip()[:160]})", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
@@ -179,6 +180,12 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
         signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
         logs_specs=DefaultLogsSpecs(),  # a temporary dir for the workers' error files
     )
+    # pbt names each failed worker below; torch's own log lines would add a traceback
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic",
+                                                  "torch.multiprocessing.spawn")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, _run_main)(main, cfg)
     except RendezvousError as err:
@@ -206,6 +213,8 @@ def _start_workers(main: Callable[[Config], Any], cfg: Config, num_processes: in
         raise SystemExit(130) from None
     finally:  # the error files were read into the failures above
         shutil.rmtree(config.logs_specs.root_log_dir, ignore_errors=True)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return results[0]
 
 

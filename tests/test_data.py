@@ -103,9 +103,15 @@ def test_list_file_path_label_lines(tmp_path):
 
 def test_list_file_integer_labels_only(tmp_path):
     _tree(tmp_path / "flat", {"all": 3})
-    (tmp_path / "l.txt").write_text("flat/all/0.png 2\nflat/all/1.png 0\nflat/all/2.png 0\n")
+    (tmp_path / "l.txt").write_text("flat/all/0.png 2\nflat/all/1.png 0\nflat/all/2.png 1\n")
     ds = build_dataset(tmp_path / "l.txt")
-    assert ds.classes == ["0", "1", "2"] and ds.targets == [2, 0, 0]
+    assert ds.classes == ["0", "1", "2"] and ds.targets == [2, 0, 1]
+    # label 1 without images: a training list is refused, a test list may lack a class
+    (tmp_path / "gap.txt").write_text("flat/all/0.png 2\nflat/all/1.png 0\n")
+    with pytest.raises(ConfigError, match="label.s. 1 have no images"):
+        build_dataset(tmp_path / "gap.txt")
+    test = build_dataset(tmp_path / "gap.txt", class_names=ds.classes)
+    assert test.targets == [2, 0]
 
 
 def test_mixed_sources_match_classes_by_name(tmp_path):

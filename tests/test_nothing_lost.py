@@ -22,7 +22,8 @@ BASE = ["--work_dir", "w", "--batch_size", "8", "--progress", "false", "--num_wo
         "--lr", "0.05", "--milestones", "2"]
 
 
-def tiny(cwd: Path, *args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+def tiny(cwd: Path, *args: str, expect: int = 0,
+         env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PBT_")}
     full_env.update(env or {})
     result = subprocess.run([sys.executable, str(SCRIPT), *BASE, *args], cwd=cwd,
