@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe, tiny_cfg
+from conftest import run_recipe, tiny_cfg
 
-from pbt.checkpoint import COMPLETE_MARK, complete_states
+from pbt.checkpoint import complete_states
 from pbt.config import ConfigError
 
 SCRIPT = Path(__file__).parent / "train_tiny.py"
