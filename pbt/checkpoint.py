@@ -5,10 +5,12 @@ state_dict plus what rebuilds the network; ``load_weights`` reads them and PBT-s
 for ``model_file`` / ``finetune``. A resumable state is a folder
 ``run_dir/checkpoints/step-<global_step>``: Accelerate's ``save_state`` writes model,
 optimizer, grad scaler and RNG files into a temporary sibling folder; pbt adds
-``pbt_state.pt`` (counters, position in the epoch, history, pruning history) and one
-``pbt_rank_<rank>.pt`` per process (its RNGs and its callbacks' state: running sums differ
-per process), then a completion mark, and only then renames the folder into place. A
-folder without the mark is never resumed from.
+``pbt_state.pt`` (counters, position in the epoch, history, pruning history, config,
+class names) and one ``pbt_rank_<rank>.pt`` per process (its RNGs and its callbacks' state:
+running sums differ per process), then a completion mark holding each file's size and
+SHA-256, and only then renames the folder into place. A folder without the mark is never
+resumed from; one whose files no longer match it is skipped for the previous good one.
+A save that fails (a full disk) removes its temporary files and raises one error.
 """
 
 from __future__ import annotations
