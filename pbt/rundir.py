@@ -31,7 +31,11 @@ class RunLock:
         self.made_dir = not self.run_dir.exists()
 
     def acquire(self) -> None:
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the run dir checks still apply
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return
 
         previous = _HELD.pop(str(self.run_dir), None)
         if previous is not None:  # an earlier trainer of this process that did not finish
