@@ -68,24 +68,27 @@ def save_failed(err: BaseException, path: Path, needed: int, largest: int = 0) -
     free = shutil.disk_usage(folder).free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     limited = limit != resource.RLIM_INFINITY and max(needed, largest) >= limit
-    intact = ("Its temporary files were removed and every file saved before is intact; "
-              "free space, then continue with --resume auto (or the run dir)")
+    intact = ("Its temporary files were removed and every file saved before is intact; {}, "
+              "then continue with --resume auto (or the run dir)")
     if out_of_space(err) or free < needed or limited:
         where = f"{_size(free)} free on its filesystem"
         if limit != resource.RLIM_INFINITY:
             where += f", files limited to {_size(limit)} by ulimit -f"
         need = f"; about {_size(needed)} needed" if needed else ""
-        return DiskFull(f"no space to write {str(path)!r} ({where}{need}). {intact}")
+        return DiskFull(f"no space to write {str(path)!r} ({where}{need}). "
+                        + intact.format("free space"))
     return TrainingError(f"could not write {str(path)!r} ({type(err).__name__}: {err}). "
-                         + intact.replace("free space", "fix the cause"))
+                         + intact.format("fix the cause"))
 
 
 def _size(count: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+    if count < 1024:
+        return f"{count:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
         count /= 1024
-    return ""
+        if count < 1024 or unit == "GB":
+            break
+    return f"{count:.1f} {unit}"
 
 
 def _tensor_bytes(state: Any) -> int:
@@ -596,6 +599,8 @@ def read_initial_state(trainer: Any) -> dict | None:
     cfg = trainer.cfg
     if trainer.resume_from is not None:
         state_dir = trainer.resume_from
+        if not trainer.accelerator.is_main_process:  # the main process did, in find_resume
+            verify_state_files(state_dir)  # (other machines may hold their own copies)
         saved = load_pbt_state(state_dir)
         world = trainer.accelerator.num_processes
         if saved["world_size"] != world:

@@ -117,25 +117,30 @@ def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
                 else:
                     trainer.log(f"resume auto: no state of {prefix!r} under {str(work_dir)!r}, "
                                 "starting fresh")
-            if state is None and not cfg.run_name:
+            held = _holds_a_run(run_dir) if state is None else []
+            if held and not cfg.run_name:
                 number = 1
                 while _holds_a_run(run_dir):  # a generated name taken (same second)
                     number += 1
                     run_dir = work_dir / f"{name}_{number}"
-            elif state is None and _holds_a_run(run_dir) and not cfg.overwrite:
+                held = []
+            elif held and not cfg.overwrite:
                 raise ConfigError(
                     f"run dir {str(run_dir)!r} already holds a run "
-                    f"({', '.join(_holds_a_run(run_dir)[:5])}); a fresh run never reuses it. "
+                    f"({', '.join(held[:5])}); a fresh run never reuses it. "
                     f"Continue it with --resume {run_dir} (or --resume auto), choose another "
                     "--run_name, or pass --overwrite true to replace it")
             check_writable(run_dir, "resume" if state else "work_dir")
             trainer.run_lock = RunLock(run_dir)
             trainer.run_lock.acquire()
-            if state is None and cfg.overwrite and _holds_a_run(run_dir):
+            if held:  # overwrite: true
                 trainer.log(f"overwrite: replacing the run in {run_dir}")
-                for entry in _holds_a_run(run_dir):
+                for entry in held:
                     target = run_dir / entry
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink()
             holder = [str(run_dir), str(state) if state else None, None]
         except ConfigError as err:
             holder = [None, None, str(err)]
