@@ -259,6 +259,12 @@ class EngineTrainer(Engine):
         if saved is not None:
             self.restore(saved)
         open_run_dir(self)  # the first write: every check has passed
+        device = self.accelerator.device
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper
+        self.log(f"device {device} ({where}), {self.accelerator.num_processes} process(es), "
+                 f"mixed precision {self.accelerator.mixed_precision}; optimizer "
+                 f"{type(optimizer).__name__}, loss {type(self.criterion).__name__}")
 
     def build_train_loader(self, cfg: Config) -> DataLoader:
         raise NotImplementedError("build_train_loader not implemented")

@@ -2,14 +2,17 @@
 
 A run dir is resolved before anything is built: a fresh run never reuses a directory that
 holds files (``overwrite: true`` replaces it), ``--resume`` names or finds one, and the
-main process then holds ``.pbt.lock`` in it (``flock``) until the run ends, so a second
+main process then holds a POSIX lock on ``.pbt.lock`` in it until the run ends, so a second
 run in the same dir is refused at start, naming the holder. The kernel drops the lock when
-its process dies, so a lock left by ``kill -9`` is taken over without a word.
+its process dies, so a lock left by ``kill -9`` is taken over without a word. The lock is
+``lockf``, not ``flock``: forked DataLoader workers do not inherit it, so workers that outlive
+a run (persistent workers of a trainer not yet collected) do not keep its dir locked.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import shutil
 import socket
@@ -24,7 +27,7 @@ _HELD: dict[str, RunLock] = {}  # this process's locks, by run dir
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``run_dir/.pbt.lock``, held until :meth:`release`."""
+    """An exclusive lock (``lockf``) on ``run_dir/.pbt.lock``, held until :meth:`release`."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.handle = Path(run_dir), None
@@ -33,7 +36,7 @@ class RunLock:
     def acquire(self) -> None:
         try:
             import fcntl
-        except ImportError:  # Windows: no flock; the run dir checks still apply
+        except ImportError:  # Windows: no lockf; the run dir checks still apply
             self.run_dir.mkdir(parents=True, exist_ok=True)
             return
 
@@ -44,8 +47,11 @@ class RunLock:
         path = self.run_dir / LOCK_FILE
         handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -66,9 +72,11 @@ class RunLock:
         if self.handle is None:
             return
         _HELD.pop(str(self.run_dir), None)
-        if self.made_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+        # the dir may be gone already (a temporary work_dir removed before exit)
+        if self.made_dir and self.run_dir.is_dir() and \
+                [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # a run that stopped at a check
-        self.handle.close()  # closing drops the flock
+        self.handle.close()  # closing drops the lock
         self.handle = None
 
 

@@ -5,6 +5,7 @@ pbt as a user does (a subprocess on real files) and checks what is on disk after
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe
+from conftest import ROOT, run_recipe, tiny_cfg
 
 from pbt.checkpoint import complete_states
 
@@ -77,6 +78,26 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
         holder.wait()
     resumed = tiny(tmp_path, "--run_name", "A", "--num_epochs", "2", "--resume", "auto")
     assert "resumed from" in resumed.stdout
+
+
+def test_a_lock_whose_dir_was_removed_exits_quietly(tmp_path):
+    """A benchmark's temporary work_dir can be gone before the lock is released at exit."""
+    script = ("import shutil, sys; from pbt.rundir import RunLock; "
+              "RunLock(sys.argv[1]).acquire(); shutil.rmtree(sys.argv[1])")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "gone")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_loader_workers_do_not_keep_a_finished_run_locked(tmp_path, tiny_trainer):
+    """Workers forked while the lock is held outlive ``run()`` here (the trainer is alive):
+    a second trainer in this process resumes the same dir."""
+    first = tiny_trainer(tiny_cfg(tmp_path, num_epochs=1, num_workers=2))
+    first.run()
+    assert multiprocessing.active_children()  # the first trainer's persistent workers
+    second = tiny_trainer(tiny_cfg(tmp_path, num_epochs=2, num_workers=2,
+                                   resume=str(tmp_path / "work" / "tiny")))
+    assert second.run()["epochs"] == 2 and first.run_dir == second.run_dir
 
 
 def test_resume_refuses_changes_it_cannot_honour_and_applies_safe_ones(tmp_path):
