@@ -139,19 +139,27 @@ def test_best_checkpoint_holds_best_epoch_weights(tmp_path, tiny_trainer):
     assert 100.0 * correct / 23 == pytest.approx(summary["best_top1"])
 
 
-def test_zero_metric_is_a_value_not_missing(tmp_path):
-    class Probe:
-        epoch, global_step, is_main_process = 0, 0, False
+@pytest.mark.parametrize("mode,later", [("max", -0.5), ("min", 0.5)])
+def test_zero_metric_is_a_value_not_missing(tmp_path, tiny_trainer, mode, later):
+    """A monitored metric of exactly 0 at epoch 1 is the best (PBT treated 0 as missing):
+    ModelCheckpoint writes best.pth for it and a worse later value does not replace it."""
 
-    checkpoint = ModelCheckpoint(tmp_path, monitor="test/top1", mode="max")
-    checkpoint.trainer = Probe()
-    checkpoint.on_epoch_end(0, {"test": {"top1": 0.0}})
+    class ScoredTrainer(tiny_trainer):
+        def run_step(self, inputs):
+            outputs, loss = super().run_step(inputs)
+            return outputs, {"ce": loss, "score": torch.tensor(0.0 if self.epoch == 0 else later)}
+
+    trainer = ScoredTrainer(tiny_cfg(tmp_path, num_epochs=2, monitor="test/loss/score",
+                                     monitor_mode=mode))
+    summary = trainer.run()
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert [e["test"]["loss/score"] for e in summary["history"]] == [0.0, later]
     assert checkpoint.best == 0.0 and checkpoint.best_epoch == 1
-    checkpoint_min = ModelCheckpoint(tmp_path, monitor="test/loss", mode="min")
-    checkpoint_min.trainer = Probe()
-    checkpoint_min.on_epoch_end(0, {"test": {"loss": 0.0}})
-    checkpoint_min.on_epoch_end(1, {"test": {"loss": 0.5}})
-    assert checkpoint_min.best == 0.0
+    assert summary["best"] == 0.0 and summary["best_epoch"] == 1
+    run_dir = tmp_path / "work" / "tiny"
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["epoch"] == 1 and best["metric"] == 0.0
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 2
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_trainer):
@@ -215,9 +223,41 @@ def test_no_weight_decay_on_bn_and_bias(tmp_path, tiny_trainer):
     assert all(p.ndim == 1 for p in groups[1]["params"])
 
 
-def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_trainer):
-    summary = tiny_trainer(tiny_cfg(tmp_path, mixed_precision="bf16", num_epochs=1)).run()
+class LayerOutputDtypes(Callback):
+    """Dtypes of the first Linear layer's output (inside the model, where autocast acts;
+    Accelerate turns the model's own output back to float32), in train and test forwards."""
+
+    def __init__(self):
+        self.train, self.test, self.criterion_inputs = set(), set(), set()
+
+    def on_train_begin(self, logs):
+        self.handle = self.trainer.unwrapped_model[0].register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        (self.train if module.training else self.test).add(output.dtype)
+
+    def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs):
+        self.criterion_inputs.add(outputs.dtype)
+
+    def on_train_end(self, logs):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_forward_dtype_on_cpu(tmp_path, tiny_trainer, precision, dtype):
+    """bf16 on CPU really runs the forward in bfloat16 (train and test), keeps float32
+    weights, and still trains; ``no`` stays in float32."""
+    probe = LayerOutputDtypes()
+    trainer = tiny_trainer(tiny_cfg(tmp_path, mixed_precision=precision, num_epochs=1), [probe])
+    assert trainer.accelerator.mixed_precision == precision
+    start = [p.detach().clone() for p in trainer.unwrapped_model.parameters()]
+    summary = trainer.run()
     assert summary["global_step"] == 5 and summary["best_top1"] is not None
+    assert probe.train == {dtype} and probe.test == {dtype}
+    assert probe.criterion_inputs == {torch.float32}
+    final = list(trainer.unwrapped_model.parameters())
+    assert all(p.dtype == torch.float32 for p in final)
+    assert all(not torch.equal(p, q) for p, q in zip(final, start))
 
 
 def test_clip_grad_norm_limits_the_update(tmp_path, tiny_trainer):

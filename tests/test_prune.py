@@ -8,12 +8,13 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_cfg, tiny_trainer_class
 from torch import nn
 
+from pbt.callbacks import Callback
 from pbt.config import ConfigError
 from pbt.models import NET_TYPES, build_model
 from pbt.prune import (
@@ -174,63 +175,116 @@ def test_measure_model_restores_torch_state():
     assert stats["macs"] > 0 and stats["latency_ms"] > 0
 
 
-def _bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
-    net[1].weight.data = torch.tensor([0.5, -0.25, 0.0, 2.0])
-    return net
+class BNGrads(Callback):
+    """Every gradient of the tiny model at ``on_after_backward`` (``1.weight`` is the BatchNorm
+    scale gamma), with gamma itself, Accelerate's gradient sync flag and the loss scale."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def on_after_backward(self, batch, logs):
+        accelerator = self.trainer.accelerator
+        model = self.trainer.unwrapped_model
+        scaler = accelerator.scaler
+        self.calls.append({
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+            "gamma": model[1].weight.detach().clone(),
+            "sync": accelerator.sync_gradients,
+            "scale": float(scaler.get_scale()) if scaler is not None else 1.0,
+        })
 
 
-def _backward(net: nn.Module) -> dict[str, torch.Tensor]:
-    net.zero_grad()
-    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
-    net(x).square().sum().backward()
-    return {n: p.grad.clone() for n, p in net.named_parameters()}
+class SetGammas(Callback):
+    """BN scales of both signs and exact zeros, so sign(gamma) is -1, 0 and +1."""
+
+    def on_train_begin(self, logs):
+        with torch.no_grad():
+            self.trainer.unwrapped_model[1].weight.copy_(
+                torch.tensor([0.5, -0.25, 0.0, 2.0]).repeat(4))
 
 
-def test_slim_regularizer_adds_sign_of_bn_scale():
-    net = _bn_net()
-    plain = _backward(net)
-    _backward(net)
-    reg = SlimRegularizer(slim_reg=0.01)
-    reg.trainer = SimpleNamespace(unwrapped_model=net, accelerator=None)
-    reg.on_after_backward(0, {})
-    # d/dgamma of 0.01 * sum|gamma| is 0.01 * sign(gamma); sign(0) = 0
-    expected = plain["1.weight"] + torch.tensor([0.01, -0.01, 0.0, 0.01])
-    assert torch.allclose(net[1].weight.grad, expected, atol=1e-7, rtol=0)
-    for name, grad in plain.items():
-        if name != "1.weight":
-            assert torch.equal(dict(net.named_parameters())[name].grad, grad)
+class CPUGradScaler(tiny_trainer_class()):
+    """A real torch GradScaler (init scale 1024) handed to the real Accelerator before
+    ``prepare``: Accelerate's fp16 path (scaled backward, ``scaler.step``) on CPU, where
+    Accelerate makes no scaler of its own. On a GPU, ``test_slim_regularizer_with_fp16_on_gpu``
+    uses Accelerate's own."""
+
+    def build(self, cfg):
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        super().build(cfg)
 
 
-def test_slim_regularizer_follows_accumulation_and_loss_scale():
-    from accelerate import Accelerator
+def _slim_run(trainer_class, cfg, train_size=40):
+    """A real run with ``slim_reg``: gradients just before and just after the engine's
+    SlimRegularizer (it comes after the default callbacks, extra callbacks after it)."""
+    before, after = BNGrads(), BNGrads()
+    trainer = trainer_class(cfg, [after], train_size=train_size)
+    regularizer = [c for c in trainer.callbacks if isinstance(c, SlimRegularizer)]
+    assert len(regularizer) == 1 and regularizer[0].slim_reg == cfg.slim_reg
+    trainer.callbacks.insert(0, before)
+    trainer.callbacks.insert(0, SetGammas())
+    trainer.run()
+    assert len(before.calls) == len(after.calls) == len(trainer.train_loader) * cfg.num_epochs
+    return trainer, list(zip(before.calls, after.calls))
 
-    net = _bn_net()
-    plain = _backward(net)["1.weight"]
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    engine = SimpleNamespace(unwrapped_model=net, accelerator=accelerator)
-    reg = SlimRegularizer(slim_reg=0.01)
-    reg.trainer = engine
-    with accelerator.accumulate(net):  # first micro-batch: no optimizer step follows
-        _backward(net)
-        reg.on_after_backward(0, {})
-    assert torch.equal(net[1].weight.grad, plain)
-    with accelerator.accumulate(net):
-        _backward(net)
-        reg.on_after_backward(1, {})
-    assert torch.allclose(net[1].weight.grad, plain + 0.01 * torch.sign(net[1].weight),
-                          atol=1e-7, rtol=0)
 
-    # with an fp16 loss scale the gradients are still scaled right after backward
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    _backward(net)
-    reg.trainer = SimpleNamespace(
-        unwrapped_model=net, accelerator=SimpleNamespace(sync_gradients=True, scaler=scaler))
-    reg.on_after_backward(0, {})
-    assert torch.allclose(net[1].weight.grad, plain + 10.24 * torch.sign(net[1].weight),
-                          atol=1e-5, rtol=0)
+def _assert_slim_term(calls, slim_reg, atol=1e-7):
+    """Each synced micro-batch adds slim_reg * loss scale * sign(gamma) to the BN scale
+    gradient and nothing to any other gradient; other micro-batches add nothing."""
+    for pre, post in calls:
+        added = slim_reg * pre["scale"] * torch.sign(pre["gamma"]) if pre["sync"] else 0.0
+        torch.testing.assert_close(post["grads"]["1.weight"], pre["grads"]["1.weight"] + added,
+                                   rtol=1e-6, atol=atol)
+        assert all(torch.equal(post["grads"][n], g) for n, g in pre["grads"].items()
+                   if n != "1.weight")
+
+
+def test_slim_regularizer_adds_sign_of_bn_scale(tmp_path):
+    cfg = tiny_cfg(tmp_path, slim_reg=0.01, num_epochs=1)
+    _, calls = _slim_run(tiny_trainer_class(), cfg)
+    assert all(pre["sync"] and pre["scale"] == 1.0 for pre, _ in calls)
+    _assert_slim_term(calls, 0.01)
+    # first step: gamma 0 gets no L1 term (sign(0) = 0), the others +-0.01 exactly
+    pre, post = calls[0]
+    assert set(pre["gamma"].tolist()) == {0.5, -0.25, 0.0, 2.0}
+    added = post["grads"]["1.weight"] - pre["grads"]["1.weight"]
+    assert torch.equal(added[pre["gamma"] == 0], torch.zeros(4))
+    assert torch.allclose(added[pre["gamma"] != 0].abs(), torch.tensor(0.01), atol=1e-7, rtol=0)
+
+
+def test_slim_regularizer_follows_accumulation_and_loss_scale(tmp_path):
+    """With ``grad_accum_steps: 2`` the term is added once per optimizer step (5 batches:
+    micro-batches 1 and 3 of each epoch only accumulate); under a loss scale it is scaled
+    like the gradients it joins, so the run trains the same weights as without one."""
+    runs = {}
+    for name, trainer_class in (("plain", tiny_trainer_class()), ("scaled", CPUGradScaler)):
+        cfg = tiny_cfg(tmp_path, run_name=name, slim_reg=0.01, num_epochs=2, grad_accum_steps=2)
+        trainer, calls = _slim_run(trainer_class, cfg)
+        assert [pre["sync"] for pre, _ in calls] == [False, True, False, True, True] * 2
+        assert trainer.global_step == 6
+        scale = 1024.0 if name == "scaled" else 1.0
+        assert {pre["scale"] for pre, _ in calls} == {scale}
+        _assert_slim_term(calls, 0.01, atol=1e-7 * scale)
+        runs[name] = calls, trainer.unwrapped_model.state_dict()
+    (plain_calls, plain_weights), (scaled_calls, scaled_weights) = runs["plain"], runs["scaled"]
+    # the loss scale is really in effect: the first backward's gradients are 1024x
+    for name, grad in plain_calls[0][0]["grads"].items():
+        torch.testing.assert_close(scaled_calls[0][0]["grads"][name], 1024 * grad)
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(scaled_weights[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_slim_regularizer_with_fp16_on_gpu(tmp_path):
+    """Accelerate's own fp16 GradScaler (init scale 65536) on a GPU."""
+    cfg = tiny_cfg(tmp_path, slim_reg=0.01, num_epochs=2, grad_accum_steps=2,
+                   mixed_precision="fp16")
+    trainer, calls = _slim_run(tiny_trainer_class(), cfg)
+    assert trainer.accelerator.scaler is not None
+    finite = [(pre, post) for pre, post in calls if pre["grads"]["1.weight"].isfinite().all()]
+    assert finite and all(pre["scale"] > 1000 for pre, _ in finite)
+    _assert_slim_term(finite, 0.01, atol=1e-1)
 
 
 def test_fresh_process_loads_pruned_checkpoint_with_weights_only(tmp_path):

@@ -8,7 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import run_recipe
+from conftest import run_recipe, tiny_cfg
+
+from pbt.callbacks import Callback
+from pbt.models import build_model
+from pbt.prune import apply_prune_history
 
 SMALL = ["--work_dir", "w", "--net_type", "resnet18", "--input_size", "16", "16",
          "--batch_size", "64", "--num_workers", "0", "--progress", "false", "--lr", "0.05",
@@ -22,6 +26,62 @@ def trained(tmp_path_factory):
                         cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd
+
+
+def assert_finetuning_trained_the_pruned_net(model_file, prune_history, run_dir) -> None:
+    """The pruned net as it was right after pruning (the base weights with the run's pruning
+    history replayed) differs from the fine-tuned one in every parameter, and the optimizer
+    that trained it holds one momentum buffer per pruned parameter, of its pruned shape (an
+    optimizer built before pruning would hold the unpruned parameters and train nothing)."""
+    base = torch.load(model_file, weights_only=True)
+    model = build_model("resnet18", base["num_classes"])
+    model.load_state_dict(base["model"])
+    apply_prune_history(model, torch.randn(1, 3, 16, 16), prune_history)
+    start = {name: p.detach() for name, p in model.named_parameters()}
+    report = json.loads((run_dir / "prune_report.json").read_text())
+    assert sum(p.numel() for p in start.values()) == report["after_pruning"]["params"]
+    tuned = torch.load(run_dir / "last.pth", weights_only=True)["model"]
+    assert {k: tuned[k].shape for k in start} == {k: v.shape for k, v in start.items()}
+    unchanged = [name for name, value in start.items() if torch.equal(tuned[name], value)]
+    assert not unchanged, f"fine-tuning left these pruned parameters as they were: {unchanged}"
+
+    state = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    optimizer = torch.load(state / "optimizer.bin", weights_only=True)
+    assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(start)
+    buffers = [entry["momentum_buffer"].shape for entry in optimizer["state"].values()]
+    assert sorted(buffers) == sorted(p.shape for p in start.values())
+
+
+class PrunedStart(Callback):
+    """At ``on_train_begin`` (pruning done, optimizer built): the model's parameters, their
+    values, and the parameters the optimizer updates."""
+
+    def on_train_begin(self, logs):
+        model = self.trainer.unwrapped_model
+        self.params = list(model.parameters())
+        self.values = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.optimized = [p for group in self.trainer.optimizer.param_groups
+                          for p in group["params"]]
+
+
+def test_optimizer_is_built_on_the_pruned_model(tmp_path, tiny_trainer):
+    """In-process, on the engine's own build(): the optimizer's parameters are the pruned
+    model's parameter objects, and fine-tuning changes them."""
+    probe = PrunedStart()
+    trainer = tiny_trainer(tiny_cfg(tmp_path, use_prune=True, prune_ratio=0.5, num_epochs=1),
+                           [probe])
+    assert trainer.prune_history
+    trainer.run()
+    assert probe.values["0.weight"].shape == (8, 8)  # hidden layer 16 -> 8 (round_to 8)
+    assert len(probe.optimized) == len(probe.params)
+    assert {id(p) for p in probe.optimized} == {id(p) for p in probe.params}
+    final = dict(trainer.unwrapped_model.named_parameters())
+    assert all(final[name] is p for name, p in zip(probe.values, probe.params))
+    unchanged = {name for name, value in probe.values.items() if torch.equal(final[name], value)}
+    # all but the bias of the Linear before BatchNorm, whose gradient is 0 (BN removes means)
+    assert unchanged <= {"0.bias"}
+    report = json.loads((tmp_path / "work" / "tiny" / "prune_report.json").read_text())
+    assert report["after_finetuning"]["params"] == sum(v.numel() for v in probe.values.values())
 
 
 def test_prune_finetune_report_reload_and_export(trained):
@@ -44,6 +104,7 @@ def test_prune_finetune_report_reload_and_export(trained):
     assert best["prune_history"]
     conv = best["model"]["layer1.0.conv1.weight"]
     assert conv.shape[0] == 32 and conv.shape[0] % 8 == 0  # 64 channels halved, really removed
+    assert_finetuning_trained_the_pruned_net(model_file, best["prune_history"], run_dir)
 
     # a fresh process rebuilds the pruned net from config + history and evaluates it exactly
     summary = json.loads((run_dir / "summary.json").read_text())

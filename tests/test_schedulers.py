@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -11,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
+from pbt.callbacks import Callback
 from pbt.config import ConfigError
 from pbt.schedulers import (
     SCHEDULER_NAMES,
@@ -47,27 +48,20 @@ def train_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad()
 
 
-def drive(schedule, state: TrainState, steps: int, accum: int = 1,
-          begin: bool = True) -> list[list[float]]:
+def drive(schedule, state: TrainState, steps: int, begin: bool = True) -> list[list[float]]:
     """Run ``steps`` optimizer steps through the hooks; return each step's per-group LRs.
-
-    With ``accum`` > 1 the batch hook runs ``accum`` times per optimizer step (gradient
-    accumulation) and every call must already see the step's LR.
-    """
+    (Gradient accumulation is tested on the real engine:
+    ``test_gradient_accumulation_gives_the_same_per_step_curve``.)"""
     schedule.trainer = state
     if begin:
         schedule.on_train_begin(state.logs)
     lrs = []
     for _ in range(steps):
-        seen = []
-        for _ in range(accum):
-            schedule.on_batch_begin(state.global_step, state.logs)
-            seen.append([g["lr"] for g in state.optimizer.param_groups])
-            assert state.logs["lr"] == seen[-1][0]
-        assert all(s == seen[0] for s in seen), "LR changed between micro-batches of one step"
+        schedule.on_batch_begin(state.global_step, state.logs)
+        lrs.append([g["lr"] for g in state.optimizer.param_groups])
+        assert state.logs["lr"] == lrs[-1][0]
         train_step(state.optimizer)
         state.global_step += 1
-        lrs.append(seen[0])
     return lrs
 
 
@@ -78,10 +72,10 @@ def cfg_for(name: str, **over) -> dict:
     return cfg
 
 
-def first_group(cfg: dict, steps_per_epoch: int, accum: int = 1) -> list[float]:
+def first_group(cfg: dict, steps_per_epoch: int) -> list[float]:
     state = TrainState(make_optimizer((cfg["lr"], cfg["lr"] / 10)), steps_per_epoch,
                        cfg["num_epochs"])
-    lrs = drive(build_scheduler(cfg), state, cfg["num_epochs"] * steps_per_epoch, accum)
+    lrs = drive(build_scheduler(cfg), state, cfg["num_epochs"] * steps_per_epoch)
     return [lr[0] for lr in lrs]
 
 
@@ -186,12 +180,47 @@ def test_each_param_group_follows_its_own_base(name: str) -> None:
     assert [lr[0] for lr in lrs] == lr_curve(cfg, spe)
 
 
+class LRSpy(Callback):
+    """What the real engine's optimizer holds: each micro-batch's LR (after the schedule's
+    ``on_batch_begin``) and, on the micro-batch whose ``optimizer.step()`` really steps
+    (Accelerate's ``sync_gradients``), the step's LRs just before that step."""
+
+    def __init__(self) -> None:
+        self.micro: list[tuple[int, float]] = []
+        self.steps: list[tuple[int, list[float]]] = []
+
+    def on_batch_begin(self, batch, logs):
+        trainer = self.trainer
+        assert logs["lr"] == trainer.lr
+        self.micro.append((trainer.global_step, trainer.lr))
+
+    def on_after_backward(self, batch, logs):
+        trainer = self.trainer
+        if trainer.accelerator.sync_gradients:
+            self.steps.append((trainer.global_step,
+                               [g["lr"] for g in trainer.optimizer.param_groups]))
+
+
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
-def test_gradient_accumulation_gives_the_same_per_step_curve(name: str) -> None:
-    batches, accum = 12, 4
-    spe = math.ceil(batches / accum)
-    cfg = cfg_for(name)
-    assert first_group(cfg, spe, accum=accum) == lr_curve(cfg, spe)
+def test_gradient_accumulation_gives_the_same_per_step_curve(name, tmp_path, tiny_trainer):
+    """The engine with Accelerate's gradient accumulation (10 batches, 4 per step: steps of
+    4, 4 and 2 micro-batches) sets the LR of ``lr_curve`` at every optimizer step, the same
+    on every micro-batch of the step."""
+    cfg = tiny_cfg(tmp_path, scheduler=name, num_epochs=4, num_warn_up=1, milestones=[2, 3],
+                   grad_accum_steps=4, batch_size=2)
+    spy = LRSpy()
+    trainer = tiny_trainer(cfg, [spy], train_size=20, test_size=4)
+    assert trainer.steps_per_epoch == 3
+    trainer.run()
+    curve = lr_curve(cfg, 3)
+    assert trainer.global_step == len(curve) == 12
+    assert [step for step, _ in spy.steps] == list(range(12))
+    for step, group_lrs in spy.steps:
+        assert group_lrs == [curve[step]] * len(group_lrs)
+    micro_batches_per_step = (4, 4, 2)
+    assert [step for step, _ in spy.micro] == [s for s in range(12)
+                                               for _ in range(micro_batches_per_step[s % 3])]
+    assert all(lr == curve[step] for step, lr in spy.micro)
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
