@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -236,12 +237,19 @@ def latest_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def find_resume(resume: str, work_dir: Path, run_prefix: str,
+def _is_run_of(name: str, run_name: str | None, run_prefix: str) -> bool:
+    if run_name:
+        return name == run_name
+    return re.fullmatch(re.escape(run_prefix) + r"_\d{8}-\d{6}(_\d+)?", name) is not None
+
+
+def find_resume(resume: str, work_dir: Path, run_name: str | None, run_prefix: str,
                 log: Callable[[str], None] = print) -> tuple[Path, Path] | None:
     """``(run_dir, state_dir)`` to resume from, or None (``auto`` with no run to resume).
 
-    ``resume`` is a run dir, a state dir inside one, or ``auto``: the newest run under
-    ``work_dir`` whose name is ``run_prefix`` (or starts with it) holding a complete state.
+    ``resume`` is a run dir, a state dir inside one, or ``auto``: the run named ``run_name``,
+    or without one the newest run named ``<run_prefix>_<timestamp>[_N]`` (so a run with
+    another ``flag`` is not taken), that holds a complete state.
     In a run dir the newest state that verifies fully is taken; each newer one skipped is
     logged with the reason. A damaged state named explicitly is an error naming the bad
     file and the good state to use instead.
@@ -250,8 +258,7 @@ def find_resume(resume: str, work_dir: Path, run_prefix: str,
         candidates = []
         if Path(work_dir).is_dir():
             for run_dir in Path(work_dir).iterdir():
-                if run_dir.is_dir() and (run_dir.name == run_prefix
-                                         or run_dir.name.startswith(run_prefix + "_")):
+                if run_dir.is_dir() and _is_run_of(run_dir.name, run_name, run_prefix):
                     states = complete_states(run_dir)
                     if states:
                         candidates.append((states[-1].stat().st_mtime, run_dir))

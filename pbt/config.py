@@ -358,16 +358,22 @@ def read_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict:
     return data
 
 
-def build_parser(keys: dict[str, Key]) -> argparse.ArgumentParser:
-    """One flag per key; untyped flags stay absent so they never override YAML."""
+def build_parser(keys: dict[str, Key], config_file: str | None = None,
+                 from_file: dict | None = None) -> argparse.ArgumentParser:
+    """One flag per key; untyped flags stay absent so they never override YAML. The
+    defaults shown are what a run without that flag uses: ``from_file`` (the values of
+    ``config_file``) over the built-in ones."""
+    from_file = from_file or {}
+    where = f" Defaults shown are those of {config_file}." if config_file else ""
     parser = argparse.ArgumentParser(
         description="pbt training run. Flags override the YAML file given with -c; any key "
-        "may also be given as key=value.",
+        "may also be given as key=value." + where,
         argument_default=argparse.SUPPRESS, allow_abbrev=False,
     )
     parser.add_argument("-c", "--config_file", help="YAML config file")
     for key in keys.values():
-        kind, text = key.type_name, f"{key.help} (default {key.default})".strip()
+        default = from_file.get(key.name, key.default)
+        kind, text = key.type_name, f"{key.help} (default {default})".strip()
         if kind in ("paths", "int_list", "float_list", "str_list"):
             parser.add_argument(f"--{key.name}", nargs="+", metavar="V", help=text)
         elif kind in ("bool", "bool_or_str"):
@@ -398,7 +404,12 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
             raise ConfigError(f"command line: unknown key {name!r} in {token!r}; "
                               + nearest_key(name, schema))
     argv = [t for t in argv if t not in pairs]
-    args, unknown = build_parser(schema).parse_known_args(argv)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("-c", "--config_file")
+    config_file = first.parse_known_args(argv)[0].config_file or (
+        str(default_file) if default_file is not None else None)
+    from_file = read_yaml(config_file, schema) if config_file else {}
+    args, unknown = build_parser(schema, config_file, from_file).parse_known_args(argv)
     for token in unknown:
         if token.startswith("-"):
             name = token.lstrip("-").split("=")[0]
@@ -407,13 +418,10 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
         raise ConfigError(f"command line: unexpected argument {token!r}")
     typed = vars(args)
     typed.update(dict(pair.split("=", 1) for pair in pairs))
-    config_file = typed.pop("config_file", None)
-    if default_file is not None and config_file is None:
-        config_file = str(default_file)
+    typed.pop("config_file", None)
     cfg = Config({name: key.default for name, key in schema.items()}, keys=schema.values())
     ignored: dict[str, Any] = {}
-    sources = [(f"config file {config_file!r}", read_yaml(config_file, schema))] \
-        if config_file else []
+    sources = [(f"config file {config_file!r}", from_file)] if config_file else []
     sources += [("command line", typed), ("override", overrides)]
     for where, values in sources:
         for name, value in values.items():

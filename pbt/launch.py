@@ -133,6 +133,9 @@ def _run_main(main: Callable[[Config], Any], cfg: Config) -> Any:
     except TrainingError as err:
         print(f"pbt: stopped{where}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt as err:  # Ctrl-C outside the engine's loop, or a second one
+        print(f"pbt: stopped{where}: {err or 'Ctrl-C'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as err:
         if world == 1 or not _lost_a_peer(err):
             raise
@@ -303,7 +306,9 @@ def stop_on_signals(trainer: Any) -> Iterator[None]:
     def request_stop(signum: int, frame: Any) -> None:
         if trainer.stop_signal is not None:
             if signum == signal.SIGINT and trainer.stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(
+                    "second Ctrl-C: stopped at once; the states saved before it are intact "
+                    f"(--resume {trainer.run_dir})")
             return  # e.g. a launcher's SIGTERM after the Ctrl-C: keep the first signal
         trainer.stop_signal = signum
         trainer.log(f"{signal.Signals(signum).name}: saving a resumable state after this step")

@@ -119,7 +119,7 @@ def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
             name = cfg.run_name or f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir, state = work_dir / name, None
             if cfg.resume:
-                found = find_resume(cfg.resume, work_dir, prefix, trainer.log)
+                found = find_resume(cfg.resume, work_dir, cfg.run_name, prefix, trainer.log)
                 if found is not None:
                     run_dir, state = found
                 else:
