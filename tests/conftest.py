@@ -91,6 +91,20 @@ def _reset_accelerate_state():
     PartialState._reset_state()
 
 
+def require(module: str):
+    """``module`` (an optional extra), else a skip; under ``CI=true`` a missing extra fails,
+    so CI cannot go green by skipping what README promises (export, NNI)."""
+    import importlib
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        try:
+            return importlib.import_module(module)
+        except ImportError as err:
+            pytest.fail(f"CI=true: the optional extra providing {module!r} is missing ({err}); "
+                        "install with .[test]", pytrace=False)
+    return pytest.importorskip(module, exc_type=ImportError)
+
+
 def run_recipe(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
     import subprocess
 

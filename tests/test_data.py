@@ -20,7 +20,6 @@ from pbt.data import (
     ResampleSampler,
     build_dataset,
     build_transforms,
-    decode_image_bytes,
     default_num_workers,
     load_image,
     materialise_digits,
@@ -264,13 +263,51 @@ def test_exif_orientation_is_honoured(tmp_path, fmt):
     assert (image.int() - _pil_reference(path).int()).abs().max() <= tolerance
 
 
-def test_fast_path_and_pil_fallback_agree(tmp_path):
-    """A file the fast decoder skips (here: bytes that lost their magic) still decodes."""
-    data = _save(tmp_path / "a.png").read_bytes()
-    fast = decode_image_bytes(data)
-    from pbt.data import _decode_pil
+@pytest.fixture
+def decoders_used(monkeypatch) -> list[str]:
+    """Records which of pbt's decoders ran (the real ones, only counted)."""
+    import pbt.data
 
-    assert torch.equal(fast, _decode_pil(data))
+    used: list[str] = []
+    fast, pil = pbt.data._fast_decoder(), pbt.data._decode_pil
+    assert fast is not None  # torchvision.io at least is installed
+
+    def counted(name, decode):
+        def wrapper(data):
+            used.append(name)
+            return decode(data)
+        return wrapper
+
+    monkeypatch.setattr(pbt.data, "_fast_decoder", lambda: counted("fast", fast))
+    monkeypatch.setattr(pbt.data, "_decode_pil", counted("pil", pil))
+    return used
+
+
+def test_png_and_jpeg_take_the_fast_decoder(tmp_path, decoders_used):
+    for name in ("a.png", "a.jpg"):
+        path = _save(tmp_path / name)
+        image = load_image(path)
+        tolerance = 2 if name.endswith(".jpg") else 0
+        assert (image.int() - _pil_reference(path).int()).abs().max() <= tolerance
+    assert decoders_used == ["fast", "fast"]
+
+
+def test_bytes_without_png_or_jpeg_magic_go_to_pil(tmp_path, decoders_used):
+    """A WebP saved as .png (its bytes have no PNG magic): PIL decodes it, exactly."""
+    path = _save(tmp_path / "photo.png", fmt="WEBP", lossless=True)
+    assert not path.read_bytes().startswith(b"\x89PNG")
+    assert torch.equal(load_image(path), _pil_reference(path))
+    assert decoders_used == ["pil"]
+
+
+def test_a_png_that_lost_its_magic_is_an_error_naming_it(tmp_path, decoders_used):
+    path = _save(tmp_path / "broken.png")
+    data = bytearray(path.read_bytes())
+    data[1:4] = b"XYZ"  # \x89PNG -> \x89XYZ: neither decoder can know what it is
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="broken.png"):
+        load_image(path)
+    assert decoders_used == ["pil"]  # the fast decoder was never offered it
 
 
 # -- transforms and loader -----------------------------------------------------------------

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 from pbt.config import ConfigError
 from pbt.models import build_model
 from pbt.prune import prune_model
 
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+require("onnx")
+ort = require("onnxruntime")
 
 from pbt.export import export_onnx, load_checkpoint  # noqa: E402
 

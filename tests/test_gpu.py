@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe, tiny_cfg
+from conftest import ROOT, require, run_recipe, tiny_cfg
 
 from pbt.callbacks import Callback
 
@@ -191,7 +191,7 @@ def test_prune_and_export_a_cuda_trained_model(gpu_runs, tmp_path):
     prune_report = json.loads((run_dir / "prune_report.json").read_text())
     before, after = prune_report["before_pruning"], prune_report["after_pruning"]
     assert after["macs"] < 0.35 * before["macs"]
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
     export = subprocess.run(
         [sys.executable, "-m", "pbt.export", str(run_dir), "--onnx", str(tmp_path / "p.onnx")],
         capture_output=True, text=True, timeout=300, cwd=ROOT,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 from test_prune import assert_weights_only_round_trip
 from torch import nn
 
@@ -33,8 +34,7 @@ def _one_thread():
 
 
 def _nni():
-    return pytest.importorskip("nni.compression.pruning", reason="the nni extra is not installed",
-                               exc_type=ModuleNotFoundError)
+    return require("nni.compression.pruning")
 
 
 def _spread_bn_scales(model: nn.Module, seed: int = 0) -> None:

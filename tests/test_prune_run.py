@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_recipe, tiny_cfg
+from conftest import require, run_recipe, tiny_cfg
 
 from pbt.callbacks import Callback
 from pbt.models import build_model
@@ -123,7 +123,7 @@ def test_prune_finetune_report_reload_and_export(trained):
     assert "resumed from" in resumed.stdout and "pruned (" not in resumed.stdout
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
 
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
     export = subprocess.run([sys.executable, "-m", "pbt.export", str(run_dir), "--onnx",
                              str(cwd / "pruned.onnx")], capture_output=True, text=True,
                             timeout=300)
