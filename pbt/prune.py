@@ -504,7 +504,11 @@ def measure_model(model: nn.Module, example_inputs: torch.Tensor, runs: int = 30
     """
     if runs < 1:
         raise ConfigError(f"measure_model: runs must be >= 1, got {runs!r}")
-    cpu_model = copy.deepcopy(model).cpu().eval()
+    from accelerate.utils import extract_model_from_parallel
+
+    # without Accelerate's mixed-precision forward: every measurement times float32
+    cpu_model = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False)
+    cpu_model = cpu_model.cpu().eval()
     x = example_inputs[:1].detach().cpu()
     params, macs = count_params_and_macs(cpu_model, x)
     threads = torch.get_num_threads()

@@ -318,3 +318,27 @@ def test_fresh_process_loads_pruned_checkpoint_with_weights_only(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for net_type, out in expected.items():
         assert torch.equal(torch.load(tmp_path / f"{net_type}_out.pt", weights_only=True), out)
+
+
+class LatencyDtypes(Callback):
+    """At on_train_end (before PruneReport, the last callback) hooks the model: the report's
+    measurement runs under inference_mode on a deep copy, which keeps the hook."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_train_end(self, logs):
+        def record(module, inputs, output):
+            if torch.is_inference_mode_enabled():
+                self.dtypes.add(output.dtype)
+
+        self.trainer.unwrapped_model[0].register_forward_hook(record)
+
+
+def test_prune_report_times_float32_after_mixed_precision_training(tmp_path, tiny_trainer):
+    """'after_finetuning' latency must compare with 'before_pruning' (float32), not bf16."""
+    probe = LatencyDtypes()
+    cfg = tiny_cfg(tmp_path, use_prune=True, prune_ratio=0.5, num_epochs=1,
+                   mixed_precision="bf16")
+    tiny_trainer(cfg, [probe]).run()
+    assert probe.dtypes == {torch.float32}
