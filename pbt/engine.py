@@ -427,6 +427,9 @@ class EngineTrainer(Engine):
             self.log(f"stopped: {error}")
             raise error from None
         finally:
+            from pbt.data import stop_workers
+
+            stop_workers(self.train_loader, self.test_loader)
             if self.run_lock is not None:
                 self.run_lock.release()
 

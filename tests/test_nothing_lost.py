@@ -9,12 +9,14 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, run_recipe, tiny_cfg
 
+from pbt.callbacks import Callback
 from pbt.checkpoint import complete_states
 
 SCRIPT = Path(__file__).parent / "train_tiny.py"
@@ -89,15 +91,34 @@ def test_a_lock_whose_dir_was_removed_exits_quietly(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-def test_loader_workers_do_not_keep_a_finished_run_locked(tmp_path, tiny_trainer):
-    """Workers forked while the lock is held outlive ``run()`` here (the trainer is alive):
-    a second trainer in this process resumes the same dir."""
-    first = tiny_trainer(tiny_cfg(tmp_path, num_epochs=1, num_workers=2))
-    first.run()
-    assert multiprocessing.active_children()  # the first trainer's persistent workers
-    second = tiny_trainer(tiny_cfg(tmp_path, num_epochs=2, num_workers=2,
-                                   resume=str(tmp_path / "work" / "tiny")))
-    assert second.run()["epochs"] == 2 and first.run_dir == second.run_dir
+class ForkAChild(Callback):
+    """Forks a process that outlives the run (as a user's own helper process might); it
+    inherits every open file, the lock file's too."""
+
+    def on_train_begin(self, logs):
+        self.child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        self.child.start()
+
+
+def test_a_child_process_does_not_keep_a_finished_run_locked(tmp_path, tiny_trainer):
+    fork = ForkAChild()
+    tiny_trainer(tiny_cfg(tmp_path, num_epochs=1), [fork]).run()
+    try:
+        assert fork.child.is_alive()
+        second = tiny_trainer(tiny_cfg(tmp_path, num_epochs=2,
+                                       resume=str(tmp_path / "work" / "tiny")))
+        assert second.run()["epochs"] == 2
+    finally:
+        fork.child.kill()
+        fork.child.join()
+
+
+def test_loader_workers_end_with_the_run(tmp_path, tiny_trainer):
+    """Persistent workers stop when run() returns, not when the garbage collector finds the
+    trainer (which could wait 5 s per worker)."""
+    trainer = tiny_trainer(tiny_cfg(tmp_path, num_epochs=1, num_workers=2))
+    trainer.run()
+    assert not multiprocessing.active_children()
 
 
 def test_resume_refuses_changes_it_cannot_honour_and_applies_safe_ones(tmp_path):
