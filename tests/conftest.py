@@ -91,6 +91,17 @@ def _reset_accelerate_state():
     PartialState._reset_state()
 
 
+def weights(path: Path) -> dict:
+    """The model weights of a pbt .pth checkpoint."""
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two .pth checkpoints hold bit-identical model weights."""
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def require(module: str):
     """``module`` (an optional extra), else a skip; under ``CI=true`` a missing extra fails,
     so CI cannot go green by skipping what README promises (export, NNI)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, NoisyBlobs, tiny_trainer_class
+from conftest import ROOT, NoisyBlobs, same_weights, tiny_trainer_class, weights
 
 from pbt.checkpoint import complete_states, state_problem
 from pbt.config import CORE_KEYS
@@ -65,15 +65,6 @@ def write_script(folder: Path, name: str, text: str) -> Path:
     script = folder / name
     script.write_text(text.replace("TESTS_DIR", repr(str(TESTS))))
     return script
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def summary_of(run_dir: Path) -> dict:

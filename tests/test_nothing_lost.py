@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe, tiny_cfg
+from conftest import ROOT, run_recipe, same_weights, tiny_cfg
 
 from pbt.callbacks import Callback
 from pbt.checkpoint import complete_states
@@ -34,15 +34,6 @@ def tiny(cwd: Path, *args: str, expect: int = 0,
     if expect:
         assert "Traceback" not in result.stderr, result.stderr
     return result
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def files_of(folder: Path) -> dict:
