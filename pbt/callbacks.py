@@ -8,6 +8,7 @@ and ``self.model`` (the model being trained, as Keras's ``self.model``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -454,14 +455,17 @@ class ModelCheckpoint(Callback):
 
 class ProgressBar(Callback):
     """tqdm bar on the main process with loss, accuracy (classifiers) and lr;
-    ``enabled=False`` logs a line every ``log_freq`` optimizer steps instead."""
+    ``enabled=False`` logs a line every ``log_freq`` optimizer steps instead. The epoch's
+    line ends with the training time per batch (what a teacher or a callback costs)."""
 
     def __init__(self, enabled: bool = True, log_freq: int = 20) -> None:
         self.enabled, self.log_freq = enabled, log_freq
         self.bar: Any = None
+        self.started, self.batches, self.train_seconds = 0.0, 0, 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict) -> None:
         trainer = self.trainer
+        self.started, self.batches = time.perf_counter(), 0
         if self.enabled and trainer.is_main_process:
             from tqdm.auto import tqdm
 
@@ -473,6 +477,7 @@ class ProgressBar(Callback):
         trainer = self.trainer
         if not trainer.is_main_process:
             return
+        self.batches += 1
         loss = float(trainer.loss.detach())
         if self.bar is not None:
             self.bar.update(1)
@@ -487,6 +492,7 @@ class ProgressBar(Callback):
                         f"loss {loss:.4f} lr {trainer.lr:.5g}")
 
     def on_test_begin(self, logs: dict) -> None:
+        self.train_seconds = time.perf_counter() - self.started
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -499,6 +505,8 @@ class ProgressBar(Callback):
         for phase in ("train", "test"):
             parts += [f"{phase}_{name} {v:.4f}" for name, v in _scalars(logs, phase).items()]
         parts.append(f"lr {trainer.lr:.5g}")
+        if self.batches:
+            parts.append(f"{1000 * self.train_seconds / self.batches:.0f} ms/batch")
         trainer.log("  ".join(parts))
 
     def on_train_end(self, logs: dict) -> None:

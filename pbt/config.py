@@ -247,6 +247,13 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("round_to", int, 8, "keep channel counts multiples of this (0: off)",
         check=_at_least(0)),
     Key("slim_reg", float, 0.0, "L1 penalty on BatchNorm scales (slim sparsity training)"),
+    # knowledge distillation
+    Key("distill_from", str, None, "teacher weights (.pth) to distill from (null: off)",
+        path=True),
+    Key("distill_alpha", float, 0.5, "weight of the KD loss; the task loss gets 1 - alpha",
+        check=lambda v: None if 0.0 <= v <= 1.0 else "a number between 0 and 1"),
+    Key("distill_temperature", float, 4.0, "softmax temperature of the KD loss",
+        check=lambda v: None if v > 0 else "a number > 0"),
 )
 
 # PBT keys pbt deliberately does not use: accepted, and named at start with the reason.

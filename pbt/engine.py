@@ -66,6 +66,7 @@ class Engine:
         self.num_epochs = int(cfg.num_epochs)
         self.stop_training = False
         self.inputs = self.targets = self.outputs = self.losses = self.loss = None
+        self.distiller: Callable | None = None  # pbt.losses.Distiller with distill_from
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.criterion: Callable
@@ -117,6 +118,8 @@ class Engine:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             self.outputs, self.losses = self.run_step(batch)
+            if self.distiller is not None:
+                self.losses = self.distiller(batch, self.outputs, self.losses)
             self.loss = sum_losses(self.losses)
             accelerator.backward(self.loss)
             self.fire("on_after_backward", self.batch_idx)
@@ -248,6 +251,10 @@ class EngineTrainer(Engine):
                          "process keeps its own BatchNorm statistics")
             else:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if cfg.distill_from:  # outside prepare: the teacher is never wrapped, synced or saved
+            from pbt.losses import Distiller
+
+            self.distiller = Distiller.from_config(self)
         self.optimizer = self.build_optimizer(cfg)
         self.criterion = self.build_criterion(cfg)
         self.model, self.optimizer, self.train_loader, self.test_loader = self.accelerator.prepare(
@@ -274,6 +281,11 @@ class EngineTrainer(Engine):
 
     def build_model(self, cfg: Config) -> nn.Module:
         raise NotImplementedError("build_model not implemented")
+
+    def build_teacher(self, cfg: Config, saved: dict) -> nn.Module:
+        """The network of ``distill_from`` (``saved``: its file) before its weights load;
+        by default ``build_model``'s. Pruned teachers are rebuilt from their history."""
+        return self.build_model(cfg)
 
     def build_model_parallel(self, model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         """PBT's; returns ``model`` unchanged: ``accelerator.prepare`` places and wraps it."""

@@ -101,6 +101,15 @@ class ClassificationTrainer(EngineTrainer):
         return build_model(cfg.net_type, self.num_classes, pretrained=cfg.pretrained,
                            width_mult=cfg.width_mult)
 
+    def build_teacher(self, cfg: Config, saved: dict) -> nn.Module:
+        """The teacher's own backbone (it may be larger than the student's)."""
+        from pbt.models import build_model
+
+        if "net_type" not in saved:  # a bare state_dict: the student's architecture
+            return self.build_model(cfg)
+        return build_model(saved["net_type"], self.num_classes,
+                           width_mult=saved.get("width_mult", 1.0))
+
     # -- what the engine asks of a task ---------------------------------------------------
     def run_name_parts(self, cfg: Config) -> list[str]:
         width, height = cfg.input_size
