@@ -1,29 +1,36 @@
-"""Export a pbt checkpoint (pruned or not) to ONNX and check it against PyTorch.
+"""Export a pbt checkpoint (pruned or not) to ONNX fp32, fp16 and int8, and measure each.
 
-    python -m pbt.export runs/exp1 --onnx model.onnx [--input-size W H]
+    python -m pbt.export runs/exp1 [--onnx model.onnx] [--fp16] [--int8] [--input-size W H]
 
 A run directory means its ``best.pth`` (else ``last.pth``). The checkpoint loads with
 ``torch.load(weights_only=True)``; the network is rebuilt from ``net_type`` and
 ``num_classes`` (and ``prune_history`` for pruned models), exported with a dynamic batch
-dimension, compared with onnxruntime, and timed. Needs the optional extra:
+dimension and compared with onnxruntime. int8 is onnxruntime's static quantization,
+calibrated on the run's training images. Every file is timed and evaluated on the run's
+test set; ``deploy_report.json`` holds it all. Needs the optional extra:
 ``pip install -e ".[export]"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pbt.config import ConfigError
 
+OPSET = 17  # recorded in deploy_report.json; 17 is what mobile runtimes widely accept
 INSTALL_HINT = 'ONNX export needs the optional extra: pip install -e ".[export]"'
 REQUIRED_KEYS = ("model", "net_type", "num_classes")
 
@@ -104,7 +111,7 @@ def example_input(
 
 
 def to_onnx(
-    model: nn.Module, example_inputs: torch.Tensor, onnx_path: str | Path, opset: int = 17
+    model: nn.Module, example_inputs: torch.Tensor, onnx_path: str | Path, opset: int = OPSET
 ) -> Path:
     """Export ``model`` (CPU, eval) to ``onnx_path`` with a dynamic batch dimension."""
     import onnx
@@ -212,14 +219,394 @@ def export_onnx(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pbt.export", description="Export a pbt checkpoint to ONNX."
+# -- fp16 and int8 ------------------------------------------------------------------------
+
+
+def to_fp16(onnx_path: str | Path, fp16_path: str | Path) -> Path:
+    """A float16 copy of an fp32 ONNX model (for GPUs and mobile GPUs). Input and output
+    stay float32, so it is fed and read exactly like the fp32 file."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    fp16_path = Path(fp16_path)
+    with warnings.catch_warnings():
+        # it warns for every constant it clamps into float16's range
+        warnings.simplefilter("ignore", UserWarning)
+        model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    # no onnx.checker here: the converter appends its input casts after the nodes that use
+    # them, which the checker rejects and onnxruntime (which sorts the graph) accepts
+    onnx.save(model, str(fp16_path))
+    return fp16_path
+
+
+def edge_nodes(onnx_path: str | Path) -> list[str]:
+    """Names of the first Conv and the last Gemm / MatMul: the layers int8 hurts most."""
+    import onnx
+
+    nodes = onnx.load(str(onnx_path)).graph.node
+    convs = [node.name for node in nodes if node.op_type == "Conv"]
+    heads = [node.name for node in nodes if node.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + heads[-1:]
+
+
+def to_int8(onnx_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray],
+            per_channel: bool = True, exclude_first_last: bool = False) -> list[str]:
+    """Static int8 quantization with onnxruntime: QDQ format, int8 weights (per output
+    channel unless ``per_channel=False``), uint8 activations whose ranges are the min / max
+    seen on the ``calibration`` batches. Returns the names of the nodes left in float."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    int8_path = Path(int8_path)
+    prepared = int8_path.with_name(int8_path.stem + ".prepared.onnx")
+    try:
+        # shape inference and graph fusions first, as onnxruntime's docs advise
+        quant_pre_process(str(onnx_path), str(prepared))
+        excluded = edge_nodes(prepared) if exclude_first_last else []
+        feeds = iter([{"input": batch} for batch in calibration])
+
+        class Feeds(CalibrationDataReader):
+            def get_next(self) -> dict | None:
+                return next(feeds, None)
+
+        quantize_static(str(prepared), str(int8_path), Feeds(), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prepared.unlink(missing_ok=True)
+        for leftover in int8_path.parent.glob("augmented_model*.onnx"):
+            leftover.unlink(missing_ok=True)
+    return excluded
+
+
+# -- the run's data -------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """A run's test set and training set, both read through its test transform."""
+
+    test: Any
+    train: Any
+    config_file: Path
+    test_source: str
+    train_source: str
+    model_file: str | None  # what a pruned run started from (its unpruned weights)
+
+
+def run_data(ckpt_path: Path, ckpt: dict, config_file: str | Path | None = None,
+             input_size: Sequence[int] | None = None) -> RunData | None:
+    """The data of the run a checkpoint came from: its ``config.yaml`` (beside it, or
+    ``config_file``) names train / test data (none: the digits under its work_dir) and
+    the normalisation. None when there is no config to read."""
+    from pbt.config import read_yaml
+    from pbt.data import build_dataset, build_transforms, materialise_digits
+
+    config_file = Path(config_file) if config_file else ckpt_path.parent / "config.yaml"
+    if not config_file.is_file():
+        if config_file != ckpt_path.parent / "config.yaml":
+            raise ConfigError(f"--config: {str(config_file)!r} does not exist")
+        return None
+    cfg = read_yaml(config_file)
+    train_data, test_data = cfg.get("train_data"), cfg.get("test_data")
+    try:
+        if not (train_data and test_data):  # the recipe's default: digits under work_dir
+            in_run = config_file.parent.parent / "digits"
+            root = in_run if in_run.is_dir() else Path(cfg.get("work_dir") or ".") / "digits"
+            train_dir, test_dir = materialise_digits(root, int(cfg.get("seed") or 0))
+            train_data, test_data = train_data or str(train_dir), test_data or str(test_dir)
+        transform = build_transforms(list(input_size or ckpt.get("input_size") or
+                                          cfg["input_size"]),
+                                     cfg.get("rgb_mean", [0.5] * 3), cfg.get("rgb_std", [0.5] * 3),
+                                     train=False)
+        names = ckpt.get("class_names")
+        test = build_dataset(test_data, transform, class_names=names, key="test_data")
+        train = build_dataset(train_data, transform, class_names=names, check_images=False,
+                              key="train_data")
+    except (ConfigError, KeyError) as err:
+        raise ConfigError(f"{str(config_file)!r}: {err}") from None
+    return RunData(test, train, config_file, str(test_data), str(train_data),
+                   cfg.get("model_file"))
+
+
+def calibration_batches(dataset: Any, images: int, batch_size: int = 32,
+                        seed: int = 0) -> list[np.ndarray]:
+    """``images`` training images (a seeded random choice), in batches, as float32 arrays."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[:images].tolist()
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        batch = [dataset[index][0] for index in chosen[start:start + batch_size]]
+        batches.append(torch.stack(batch).numpy())
+    return batches
+
+
+def top1(predict: Callable[[np.ndarray], np.ndarray], dataset: Any) -> float:
+    """Test top-1 (%) of ``predict`` (float32 batch -> logits) over ``dataset``."""
+    from torch.utils.data import DataLoader
+
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=64, num_workers=0):
+        logits = predict(images.numpy())
+        correct += int((np.asarray(logits).argmax(1) == labels.numpy()).sum())
+        total += int(labels.numel())
+    return 100.0 * correct / max(total, 1)
+
+
+# -- the deploy report ----------------------------------------------------------------------
+
+
+def _median_ms(call: Callable[[], Any], runs: int) -> float:
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _torch_predict(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return predict
+
+
+def _onnx_predict(session: Any) -> Callable[[np.ndarray], np.ndarray]:
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _measure(predict: Callable[[np.ndarray], np.ndarray], example: torch.Tensor,
+             runs: int) -> dict[str, float]:
+    one, many = example[:1].numpy(), example.numpy()
+    return {"batch1": round(_median_ms(lambda: predict(one), runs), 3),
+            "batch32": round(_median_ms(lambda: predict(many), max(3, runs // 3)), 3)}
+
+
+def _variant_rows(label: str, model: nn.Module, source: Path, onnx_path: Path,
+                  example: torch.Tensor, data: RunData | None, options: dict,
+                  report: dict) -> list[dict]:
+    """torch fp32, then ONNX fp32 (checked against torch), fp16 and int8 of one model."""
+    from pbt.prune import count_params_and_macs
+
+    params, macs = count_params_and_macs(model, example[:1])
+    suffix = f" ({label})" if label else ""
+    test = data.test if data is not None else None
+    torch_top1 = top1(_torch_predict(model), test) if test is not None else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options["threads"])
+    try:
+        torch_latency = _measure(_torch_predict(model), example, options["runs"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{"name": f"torch fp32{suffix}", "variant": label, "format": "torch",
+             "precision": "fp32", "file": str(source), "size_bytes": source.stat().st_size,
+             "params": params, "macs": macs, "latency_ms": torch_latency,
+             "top1": torch_top1, "top1_diff": 0.0 if torch_top1 is not None else None}]
+    to_onnx(model, example[:1], onnx_path, opset=OPSET)
+    files = [("fp32", onnx_path)]
+    if options["fp16"]:
+        files.append(("fp16", to_fp16(onnx_path, onnx_path.with_suffix(".fp16.onnx"))))
+    if options["int8"]:
+        int8_path = onnx_path.with_suffix(".int8.onnx")
+        excluded = to_int8(onnx_path, int8_path, options["calibration"],
+                           per_channel=options["per_channel"],
+                           exclude_first_last=options["exclude_first_last"])
+        report["calibration"].setdefault("excluded_nodes", {})[label or "model"] = excluded
+        files.append(("int8", int8_path))
+    for precision, path in files:
+        session = _session(path, options["threads"])
+        predict = _onnx_predict(session)
+        with torch.no_grad():
+            reference = model(example).numpy()
+        diff = float(np.abs(predict(example.numpy()) - reference).max())
+        if precision == "fp32" and not diff <= options["atol"]:
+            raise RuntimeError(f"ONNX check failed for {str(path)!r}: onnxruntime differs from "
+                               f"PyTorch by {diff:.3g} (limit {options['atol']:g})")
+        accuracy = top1(predict, test) if test is not None else None
+        rows.append({"name": f"onnx {precision}{suffix}", "variant": label, "format": "onnx",
+                     "precision": precision, "file": str(path),
+                     "size_bytes": path.stat().st_size, "params": params, "macs": macs,
+                     "latency_ms": _measure(predict, example, options["runs"]),
+                     "top1": accuracy, "max_abs_diff": diff,
+                     "top1_diff": None if accuracy is None else accuracy - torch_top1})
+    return rows
+
+
+def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool = False,
+                  int8: bool = False, calib_images: int = 300, int8_tolerance: float = 1.0,
+                  per_channel: bool = True, exclude_first_last: bool = False,
+                  baseline: str | Path | None = None, config: str | Path | None = None,
+                  input_size: Sequence[int] | None = None, threads: int = 1, runs: int = 30,
+                  atol: float = 1e-4) -> dict:
+    """Export a checkpoint to ONNX fp32 (and fp16 / int8) and measure every form of it.
+
+    Each row (torch fp32, then each ONNX file) has file size, params, MACs, latency at
+    batch 1 and 32 (``threads`` CPU threads, median of ``runs``) and test top-1 through
+    the run's own test transform. A pruned run is measured beside the unpruned weights it
+    started from (its ``model_file``, or ``baseline``). The report is also written as
+    ``deploy_report.json`` beside ``onnx_path``; ``report["warnings"]`` flags every int8
+    model that loses more than ``int8_tolerance`` points of top-1.
+    """
+    from pbt.checkpoint import write_json_atomic
+
+    require_onnx()
+    for name, value, low in (("runs", runs, 1), ("threads", threads, 1),
+                             ("calib_images", calib_images, 1)):
+        if value < low:
+            raise ConfigError(f"{name}: {value!r} must be >= {low}")
+    ckpt_path = resolve_checkpoint(checkpoint)
+    model, ckpt = load_checkpoint(ckpt_path)
+    notes = []
+    try:
+        data = run_data(ckpt_path, ckpt, config, input_size)
+    except ConfigError as err:
+        if int8 or config is not None:
+            raise
+        data = None  # the run's data moved or lies elsewhere: export, without top-1
+        notes.append(f"no top-1: {err}")
+    if int8 and data is None:
+        raise ConfigError(
+            f"--int8: no calibration images: {str(ckpt_path.parent / 'config.yaml')!r} does not "
+            "exist; pass the training config with --config cfg.yaml")
+    pruned = bool(ckpt.get("prune_history"))
+    if baseline is None and pruned and data is not None and data.model_file:
+        if Path(data.model_file).is_file():
+            baseline = data.model_file
+        else:
+            notes.append(f"the unpruned model_file {data.model_file!r} the run started from is "
+                         "not found from here; --baseline path/to/it measures it too")
+    example = example_input(ckpt, input_size, batch=32)
+    onnx_path = Path(onnx_path)
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt_path), "net_type": ckpt["net_type"], "pruned": pruned,
+        "input_size": list(example.shape[3:1:-1]), "opset": OPSET,
+        "latency": {"device": _cpu_name(), "threads": threads, "runs": runs,
+                    "statistic": "median ms after 3 warm-up runs"},
+        "versions": {"torch": torch.__version__, "onnxruntime": _version("onnxruntime")},
+        "test_data": None if data is None else {"source": data.test_source,
+                                                "images": len(data.test),
+                                                "config": str(data.config_file)},
+        "calibration": None, "int8_tolerance": int8_tolerance, "rows": [], "warnings": [],
+        "notes": notes}
+    if fp16:
+        report["latency"]["fp16_note"] = (
+            "onnxruntime's CPU provider casts an fp16 model's input back to fp32 and runs it "
+            "in fp32 (only the weights are rounded), so its CPU latency is no guide to a GPU's")
+    options = {"fp16": fp16, "int8": int8, "threads": threads, "runs": runs, "atol": atol,
+               "per_channel": per_channel, "exclude_first_last": exclude_first_last}
+    if int8:
+        options["calibration"] = calibration_batches(data.train, calib_images)
+        report["calibration"] = {
+            "source": data.train_source, "images": min(calib_images, len(data.train)),
+            "chosen": "random, seed 0", "transform": "the run's test transform",
+            "method": "MinMax", "format": "QDQ", "weights": "int8, per channel" if per_channel
+            else "int8, per tensor", "activations": "uint8"}
+    if baseline is not None:
+        base_model, _ = load_checkpoint(baseline)
+        report["rows"] += _variant_rows("unpruned", base_model, resolve_checkpoint(baseline),
+                                        onnx_path.with_name(onnx_path.stem + ".unpruned.onnx"),
+                                        example, data, options, report)
+    label = "pruned" if pruned else ("" if baseline is None else "model")
+    report["rows"] += _variant_rows(label, model, ckpt_path, onnx_path, example, data, options,
+                                    report)
+    first = report["rows"][0]["latency_ms"]
+    for row in report["rows"]:
+        row["speedup"] = {k: round(first[k] / row["latency_ms"][k], 2) for k in first}
+        if row["precision"] == "int8" and row["top1_diff"] is not None \
+                and row["top1_diff"] < -int8_tolerance:
+            report["warnings"].append(
+                f"{row['name']} loses {-row['top1_diff']:.2f} points of top-1, more than the "
+                f"tolerance of {int8_tolerance:g}: calibrate on more images (--calib-images "
+                f"{2 * calib_images}), leave the first and last layer in float "
+                "(--exclude-first-last)" + ("" if per_channel else
+                                            ", or quantize weights per channel (drop "
+                                            "--per-tensor)"))
+    write_json_atomic(onnx_path.parent / "deploy_report.json", report)
+    return report
+
+
+def _version(module: str) -> str:
+    import importlib
+
+    return str(getattr(importlib.import_module(module), "__version__", "?"))
+
+
+def format_report(report: dict) -> str:
+    """The report as a Markdown table, with what was measured how above it."""
+    latency, test = report["latency"], report["test_data"]
+    width, height = report["input_size"]
+    lines = [
+        f"{report['checkpoint']} ({report['net_type']}, input {width}x{height}, opset "
+        f"{report['opset']}); latency: {latency['device']}, {latency['threads']} thread(s), "
+        f"median of {latency['runs']}; top-1: "
+        + (f"{test['images']} test images of {test['source']}" if test else
+           "no test data (no config.yaml beside the checkpoint: pass --config)"),
+        "",
+        "| model | file | params | MACs | ms batch 1 | ms batch 32 | speed-up (b1) | top-1 % "
+        "| Δ top-1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        top = "n/a" if row["top1"] is None else f"{row['top1']:.2f}"
+        diff = "" if row["top1_diff"] is None or row["format"] == "torch" \
+            else f"{row['top1_diff']:+.2f}"
+        lines.append(
+            f"| {row['name']} | {row['size_bytes'] / 1e6:.2f} MB | {row['params'] / 1e6:.2f} M "
+            f"| {row['macs'] / 1e6:.1f} M | {row['latency_ms']['batch1']:.2f} "
+            f"| {row['latency_ms']['batch32']:.2f} | {row['speedup']['batch1']:.2f}x | {top} "
+            f"| {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (3: an int8 model was flagged)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pbt.export",
+        description="Export a pbt checkpoint to ONNX (fp32, and fp16 / int8 on request), "
+                    "measure each form and write deploy_report.json beside the ONNX files.")
     parser.add_argument("checkpoint", help="a .pth weights checkpoint or a run directory")
-    parser.add_argument("--onnx", required=True, help="output .onnx file")
+    parser.add_argument("--onnx", help="the fp32 .onnx file; .fp16.onnx / .int8.onnx and "
+                        "deploy_report.json go beside it (default: <checkpoint dir>/deploy/"
+                        "model.onnx)")
+    parser.add_argument("--fp16", action="store_true", help="also a float16 ONNX file")
+    parser.add_argument("--int8", action="store_true",
+                        help="also an int8 ONNX file (static QDQ, calibrated on training images)")
+    parser.add_argument("--calib-images", type=int, default=300,
+                        help="training images that calibrate int8 (default 300)")
+    parser.add_argument("--int8-tolerance", type=float, default=1.0,
+                        help="top-1 points int8 may lose before it is flagged (default 1)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="int8 weights per tensor instead of per channel")
+    parser.add_argument("--exclude-first-last", action="store_true",
+                        help="keep the first conv and the classifier in float")
+    parser.add_argument("--baseline", help="also measure these weights (default for a pruned "
+                        "run: the unpruned model_file it started from)")
+    parser.add_argument("--config", help="the training config (default: config.yaml beside "
+                        "the checkpoint): where the test and calibration images are")
     parser.add_argument("--input-size", nargs=2, type=int, metavar=("W", "H"))
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for latency")
     parser.add_argument("--runs", type=int, default=30, help="timed runs for the latency")
     args = parser.parse_args(argv)
     try:
@@ -228,21 +615,32 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     try:
-        info = export_onnx(args.checkpoint, args.onnx, args.input_size, args.runs)
+        ckpt_path = resolve_checkpoint(args.checkpoint)
+        onnx_path = Path(args.onnx) if args.onnx else ckpt_path.parent / "deploy" / "model.onnx"
+        report = deploy_report(
+            ckpt_path, onnx_path, fp16=args.fp16, int8=args.int8,
+            calib_images=args.calib_images, int8_tolerance=args.int8_tolerance,
+            per_channel=not args.per_tensor, exclude_first_last=args.exclude_first_last,
+            baseline=args.baseline, config=args.config, input_size=args.input_size,
+            threads=args.threads, runs=args.runs)
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"exported {info['checkpoint']} ({info['net_type']}, "
-        f"{'pruned' if info['pruned'] else 'unpruned'}, {info['params']:,} params) "
-        f"-> {info['onnx_path']}"
-    )
-    print(f"onnxruntime vs PyTorch max abs diff: {info['max_abs_diff']:.3g} (limit 1e-4)")
-    print(
-        f"onnxruntime CPU latency (batch 1, 1 thread, median of {args.runs}): "
-        f"{info['ort_latency_ms']:.2f} ms"
-    )
-    return 0
+    main_fp32 = [row for row in report["rows"] if row["format"] == "onnx"
+                 and row["precision"] == "fp32"][-1]
+    print(f"exported {report['checkpoint']} ({report['net_type']}, "
+          f"{'pruned' if report['pruned'] else 'unpruned'}, {main_fp32['params']:,} params) "
+          f"-> {main_fp32['file']}")
+    print(f"onnxruntime vs PyTorch max abs diff: {main_fp32['max_abs_diff']:.3g} (limit 1e-4)")
+    print(format_report(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if "fp16_note" in report["latency"]:
+        print(f"fp16: {report['latency']['fp16_note']}")
+    print(f"report: {onnx_path.parent / 'deploy_report.json'}")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return 3 if report["warnings"] else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,101 @@ def test_missing_extra_prints_install_line(tmp_path):
     assert proc.returncode == 2
     assert 'pip install -e ".[export]"' in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- fp16 / int8 and the deploy report on a trained run ------------------------------------
+
+from conftest import run_recipe  # noqa: E402
+
+from pbt.export import deploy_report  # noqa: E402
+
+SMALL_RUN = ["--work_dir", "w", "--input_size", "16", "16", "--num_workers", "0",
+             "--progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A resnet18 trained for 3 epochs on digits at 16x16, and a 50 %-pruned copy of it
+    fine-tuned for 1 epoch (started from the first: its baseline)."""
+    cwd = tmp_path_factory.mktemp("deploy")
+    base = run_recipe([*SMALL_RUN, "--run_name", "base", "--num_epochs", "3"], cwd)
+    assert base.returncode == 0, base.stderr
+    pruned = run_recipe([*SMALL_RUN, "--run_name", "pruned", "--num_epochs", "1",
+                         "--use_prune", "true", "--model_file",
+                         str(cwd / "w" / "base" / "best.pth")], cwd)
+    assert pruned.returncode == 0, pruned.stderr
+    return cwd / "w"
+
+
+def test_deploy_report_measures_fp32_fp16_int8(trained_run, tmp_path):
+    run_dir = trained_run / "base"
+    report = deploy_report(run_dir, tmp_path / "out" / "m.onnx", fp16=True, int8=True,
+                           calib_images=100, runs=3)
+    assert json.loads((tmp_path / "out" / "deploy_report.json").read_text()) == report
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["torch fp32", "onnx fp32", "onnx fp16", "onnx int8"]
+    assert report["opset"] == 17 and report["latency"]["threads"] == 1
+    assert report["test_data"]["images"] == 360 and report["calibration"]["images"] == 100
+    assert report["calibration"]["source"].endswith("train")
+    assert report["calibration"]["activations"] == "uint8"
+
+    # the exporter's torch top-1 is the one training measured for best.pth (another code path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert rows["torch fp32"]["top1"] == pytest.approx(summary["best"])
+    assert rows["torch fp32"]["top1"] > 80  # a trained model, or int8's tolerance means little
+    assert rows["onnx fp32"]["max_abs_diff"] <= 1e-4
+    assert rows["onnx fp32"]["top1"] == rows["torch fp32"]["top1"]
+    assert rows["onnx fp16"]["max_abs_diff"] < 0.05
+    assert abs(rows["onnx fp16"]["top1_diff"]) <= 0.5
+    assert abs(rows["onnx int8"]["top1_diff"]) <= 1.0 and not report["warnings"]
+    sizes = [rows[name]["size_bytes"] for name in ("onnx fp32", "onnx fp16", "onnx int8")]
+    assert sizes[0] > 1.8 * sizes[1] and sizes[1] > 1.6 * sizes[2]
+    for row in report["rows"]:
+        assert row["latency_ms"]["batch1"] > 0 and row["latency_ms"]["batch32"] > 0
+        if row["format"] == "onnx":  # every file keeps the dynamic batch dimension
+            session = ort.InferenceSession(row["file"], providers=["CPUExecutionProvider"])
+            assert session.get_inputs()[0].shape[0] == "batch"
+            x = torch.randn(3, 3, 16, 16).numpy()
+            assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (3, 10)
+    int8_ops = {node.op_type for node in __import__("onnx").load(rows["onnx int8"]["file"])
+                .graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
+
+
+def test_pruned_run_is_reported_beside_its_unpruned_start(trained_run, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pbt.export", str(trained_run / "pruned"), "--onnx",
+         str(tmp_path / "p.onnx"), "--int8", "--calib-images", "64", "--runs", "3",
+         "--int8-tolerance", "-100"],  # an impossible tolerance: int8 must be flagged
+        cwd=trained_run.parent, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "WARNING: onnx int8 (pruned)" in proc.stderr and "--calib-images 128" in proc.stderr
+    report = json.loads((tmp_path / "deploy_report.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["torch fp32 (unpruned)", "onnx fp32 (unpruned)", "onnx int8 (unpruned)",
+                     "torch fp32 (pruned)", "onnx fp32 (pruned)", "onnx int8 (pruned)"]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["torch fp32 (pruned)"]["macs"] < rows["torch fp32 (unpruned)"]["macs"] / 3
+    assert len(report["warnings"]) == 2
+    assert "| onnx int8 (pruned) |" in proc.stdout and "speed-up" in proc.stdout
+
+
+def test_int8_without_the_runs_data_says_what_to_pass(tmp_path):
+    _save_checkpoint(tmp_path / "ckpt.pth", "resnet18", pruned=False)
+    with pytest.raises(ConfigError, match="--int8.*config.yaml.*--config"):
+        deploy_report(tmp_path / "ckpt.pth", tmp_path / "m.onnx", int8=True)
+    with pytest.raises(ConfigError, match="--config.*nowhere.yaml.*does not exist"):
+        deploy_report(tmp_path / "ckpt.pth", tmp_path / "m.onnx",
+                      config=tmp_path / "nowhere.yaml")
+    report = deploy_report(tmp_path / "ckpt.pth", tmp_path / "m.onnx", fp16=True, runs=2)
+    assert report["test_data"] is None and [row["top1"] for row in report["rows"]] == [None] * 3
+
+    # the run's data moved: fp32 still exports (no top-1, said why); int8 cannot
+    (tmp_path / "config.yaml").write_text("train_data: gone/train\ntest_data: gone/test\n"
+                                          "input_size: [40, 32]\n")
+    report = deploy_report(tmp_path / "ckpt.pth", tmp_path / "m2.onnx", runs=2)
+    assert report["test_data"] is None
+    assert "config.yaml" in report["notes"][0] and "gone/test" in report["notes"][0]
+    with pytest.raises(ConfigError, match="config.yaml.*gone/test"):
+        deploy_report(tmp_path / "ckpt.pth", tmp_path / "m3.onnx", int8=True)
