@@ -1,14 +1,14 @@
-"""Knowledge distillation for a 50 %-pruned resnet18: fine-tuned with and without KD from
-its unpruned self, on full digits and on low-data digits (20 training images per class; the
-full test split), mean over seeds.
+"""Knowledge distillation for a 50 %-pruned network (``--net_type``, default resnet18):
+fine-tuned with and without KD from its unpruned self, on full digits and on low-data
+digits (20 training images per class; the full test split), mean over seeds.
 
-Per dataset the teacher is resnet18 trained from scratch (seed 0). Per seed, two students
-start from the teacher's best.pth, 50 % L1-pruned, and fine-tune for the same epochs with
-the same flags: ``plain``, and ``kd`` with ``--distill_from`` the teacher (the defaults
-``distill_alpha`` 0.5 and ``distill_temperature`` 4). Every run reads the seed-0 digits
-trees, so the seed changes only the students' data order and augmentation.
+Per dataset the teacher is the unpruned network trained from scratch (seed 0). Per seed,
+two students start from the teacher's best.pth, 50 % L1-pruned, and fine-tune for the same
+epochs with the same flags: ``plain``, and ``kd`` with ``--distill_from`` the teacher (the
+defaults ``distill_alpha`` 0.5 and ``distill_temperature`` 4). Every run reads the seed-0
+digits trees, so the seed changes only the students' data order and augmentation.
 
-    python bench/distill.py [--work_dir /tmp/pbt-distill] [--seeds 0 1 2]
+    python bench/distill.py [--work_dir /tmp/pbt-distill] [--seeds 0 1 2] [--net_type NET]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/pbt-distill"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per_class", type=int, default=20)
+    parser.add_argument("--net_type", default="resnet18")
     parser.add_argument("--full_epochs", type=int, nargs=2, default=[10, 5],
                         metavar=("TEACHER", "STUDENT"), help="epochs on full digits")
     parser.add_argument("--low_data_epochs", type=int, nargs=2, default=[150, 40],
@@ -69,11 +70,12 @@ def main() -> None:
         if dataset not in args.datasets:
             continue
         teacher_epochs, student_epochs = epochs[dataset]
-        data = ["--train_data", str(train), "--test_data", str(test_dir)]
-        work = args.work_dir / dataset
+        data = ["--train_data", str(train), "--test_data", str(test_dir),
+                "--net_type", args.net_type]
+        work = args.work_dir / args.net_type / dataset
         teacher = run(work, "teacher", *data, "--num_epochs", str(teacher_epochs))
         teacher_file = str(work / "teacher" / "best.pth")
-        print(f"{dataset}: teacher (unpruned resnet18, {teacher_epochs} epochs) best top1 "
+        print(f"{dataset}: teacher (unpruned {args.net_type}, {teacher_epochs} epochs) best top1 "
               f"{teacher['best']:.2f}%", flush=True)
         results: dict[str, list[dict]] = {"plain": [], "kd": []}
         for seed in args.seeds:

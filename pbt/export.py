@@ -164,20 +164,25 @@ def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, inputs: torch.Ten
     return float((torch.from_numpy(ort_out) - torch_out).abs().max())
 
 
+def _median_ms(call: Callable[[], Any], runs: int) -> float:
+    """Median wall time of ``call`` over ``runs`` runs after 3 warm-up runs, in ms."""
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def onnx_latency_ms(
     onnx_path: str | Path, example_inputs: torch.Tensor, runs: int = 30, threads: int = 1
 ) -> float:
     """onnxruntime CPU latency at batch 1: median of ``runs`` after warm-up, in ms."""
     session = _session(onnx_path, threads)
     feed = {session.get_inputs()[0].name: example_inputs[:1].numpy()}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return _median_ms(lambda: session.run(None, feed), runs)
 
 
 def export_onnx(
@@ -363,17 +368,6 @@ def top1(predict: Callable[[np.ndarray], np.ndarray], dataset: Any) -> float:
 # -- the deploy report ----------------------------------------------------------------------
 
 
-def _median_ms(call: Callable[[], Any], runs: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def _torch_predict(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -436,11 +430,8 @@ def _variant_rows(label: str, model: nn.Module, source: Path, onnx_path: Path,
         report["calibration"].setdefault("excluded_nodes", {})[label or "model"] = excluded
         files.append(("int8", int8_path))
     for precision, path in files:
-        session = _session(path, options["threads"])
-        predict = _onnx_predict(session)
-        with torch.no_grad():
-            reference = model(example).numpy()
-        diff = float(np.abs(predict(example.numpy()) - reference).max())
+        predict = _onnx_predict(_session(path, options["threads"]))
+        diff = onnx_max_abs_diff(path, model, example)
         if precision == "fp32" and not diff <= options["atol"]:
             raise RuntimeError(f"ONNX check failed for {str(path)!r}: onnxruntime differs from "
                                f"PyTorch by {diff:.3g} (limit {options['atol']:g})")
@@ -503,7 +494,8 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
         "checkpoint": str(ckpt_path), "net_type": ckpt["net_type"], "pruned": pruned,
         "input_size": list(example.shape[3:1:-1]), "opset": OPSET,
         "latency": {"device": _cpu_name(), "threads": threads, "runs": runs,
-                    "statistic": "median ms after 3 warm-up runs"},
+                    "statistic": "median ms of `runs` runs at batch 1 and runs // 3 (at "
+                                 "least 3) at batch 32, after 3 warm-up runs"},
         "versions": {"torch": torch.__version__, "onnxruntime": _version("onnxruntime")},
         "test_data": None if data is None else {"source": data.test_source,
                                                 "images": len(data.test),

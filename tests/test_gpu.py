@@ -201,3 +201,20 @@ def test_prune_and_export_a_cuda_trained_model(gpu_runs, tmp_path):
            f"top1 {prune_report['after_finetuning']['top1']:.2f}%; exported with CUDA hidden: "
            + "; ".join(line.strip() for line in export.stdout.splitlines()
                        if "diff" in line or "latency" in line))
+
+
+def test_distillation_on_gpu_in_bf16(gpu_runs):
+    """A pruned student distilled from its unpruned self, teacher under bf16 autocast."""
+    import math
+    import re
+
+    teacher = gpu_runs / "w" / "full_a" / "best.pth"
+    summary = recipe_in_process(gpu_runs, *SMALL, "--run_name", "kd", "--num_epochs", "1",
+                                "--mixed_precision", "bf16", "--use_prune", "true",
+                                "--model_file", str(teacher), "--distill_from", str(teacher))
+    train = summary["history"][0]["train"]
+    assert math.isfinite(train["loss/distill"]) and train["loss/distill"] > 0
+    log = (gpu_runs / "w" / "kd" / "train.log").read_text()
+    step = re.findall(r"(\d+) ms/batch", log)
+    report(f"KD on GPU, bf16, pruned student / unpruned teacher: 1 epoch, test top1 "
+           f"{summary['history'][0]['test']['top1']:.2f}%, {step[-1] if step else '?'} ms/batch")
