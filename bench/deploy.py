@@ -12,20 +12,9 @@ every form in one process (batch 1 and 32, one thread, the run's test split).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def train(work_dir: Path, run_name: str, *args: str) -> Path:
-    command = [sys.executable, str(ROOT / "recipes" / "classification.py"),
-               "-c", str(ROOT / "recipes" / "classification.yaml"), "--progress", "false",
-               "--overwrite", "true", "--work_dir", str(work_dir), "--run_name", run_name,
-               *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return work_dir / run_name
+from recipe_run import run_recipe
 
 
 def main() -> None:
@@ -41,8 +30,8 @@ def main() -> None:
     summary = []
     for net in args.nets:
         flags = ["--net_type", net, "--num_epochs", str(args.epochs)]
-        base = train(args.work_dir, f"{net}_base", *flags)
-        pruned = train(args.work_dir, f"{net}_pruned", *flags, "--use_prune", "true",
+        base = run_recipe(args.work_dir, f"{net}_base", *flags)
+        pruned = run_recipe(args.work_dir, f"{net}_pruned", *flags, "--use_prune", "true",
                        "--prune_method", "l1", "--prune_ratio", "0.5",
                        "--model_file", str(base / "best.pth"))
         report = deploy_report(pruned, pruned / "deploy" / "model.onnx", fp16=True, int8=True,

@@ -17,21 +17,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_run import run_recipe
 
 
 def run(work_dir: Path, run_name: str, *args: str) -> dict:
-    """One recipe run (replacing its run dir); returns its summary.json."""
-    command = [sys.executable, str(ROOT / "recipes" / "classification.py"),
-               "-c", str(ROOT / "recipes" / "classification.yaml"), "--progress", "false",
-               "--overwrite", "true", "--work_dir", str(work_dir), "--run_name", run_name,
-               *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((work_dir / run_name / "summary.json").read_text())
+    """One recipe run; returns its summary.json."""
+    return json.loads((run_recipe(work_dir, run_name, *args) / "summary.json").read_text())
 
 
 def low_data_tree(train_dir: Path, target: Path, per_class: int) -> Path:

@@ -14,12 +14,14 @@ test set; ``deploy_report.json`` holds it all. Needs the optional extra:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,24 +123,36 @@ def to_onnx(
     training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _written_whole(onnx_path) as partial:
             # The TorchScript exporter is deprecated but, unlike the dynamo one, exports
             # these CNNs in about a second with no extra dependencies.
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (example_inputs,),
-                str(onnx_path),
+                str(partial),
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 opset_version=opset,
                 dynamo=False,
             )
+            onnx.checker.check_model(str(partial))
     finally:
         model.train(training)
-    onnx.checker.check_model(str(onnx_path))
     return onnx_path
+
+
+@contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed onto ``path`` when the block
+    succeeds: a failed or killed export leaves the previous file whole, never half of one."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _session(onnx_path: str | Path, threads: int = 1) -> Any:
@@ -240,7 +254,8 @@ def to_fp16(onnx_path: str | Path, fp16_path: str | Path) -> Path:
         model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
     # no onnx.checker here: the converter appends its input casts after the nodes that use
     # them, which the checker rejects and onnxruntime (which sorts the graph) accepts
-    onnx.save(model, str(fp16_path))
+    with _written_whole(fp16_path) as partial:
+        onnx.save(model, str(partial))
     return fp16_path
 
 
@@ -280,10 +295,11 @@ def to_int8(onnx_path: str | Path, int8_path: str | Path, calibration: Iterable[
             def get_next(self) -> dict | None:
                 return next(feeds, None)
 
-        quantize_static(str(prepared), str(int8_path), Feeds(), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                        calibrate_method=CalibrationMethod.MinMax)
+        with _written_whole(int8_path) as partial:
+            quantize_static(str(prepared), str(partial), Feeds(),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax)
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in int8_path.parent.glob("augmented_model*.onnx"):
@@ -353,16 +369,18 @@ def calibration_batches(dataset: Any, images: int, batch_size: int = 32,
     return batches
 
 
-def top1(predict: Callable[[np.ndarray], np.ndarray], dataset: Any) -> float:
-    """Test top-1 (%) of ``predict`` (float32 batch -> logits) over ``dataset``."""
+def top1(predicts: Sequence[Callable[[np.ndarray], np.ndarray]], dataset: Any) -> list[float]:
+    """Test top-1 (%) of each predictor (float32 batch -> logits) over ``dataset``, read
+    once for all of them."""
     from torch.utils.data import DataLoader
 
-    correct = total = 0
+    correct, total = [0] * len(predicts), 0
     for images, labels in DataLoader(dataset, batch_size=64, num_workers=0):
-        logits = predict(images.numpy())
-        correct += int((np.asarray(logits).argmax(1) == labels.numpy()).sum())
+        batch = images.numpy()
+        for index, predict in enumerate(predicts):
+            correct[index] += int((np.asarray(predict(batch)).argmax(1) == labels.numpy()).sum())
         total += int(labels.numel())
-    return 100.0 * correct / max(total, 1)
+    return [100.0 * count / max(total, 1) for count in correct]
 
 
 # -- the deploy report ----------------------------------------------------------------------
@@ -399,50 +417,48 @@ def _measure(predict: Callable[[np.ndarray], np.ndarray], example: torch.Tensor,
 
 
 def _variant_rows(label: str, model: nn.Module, source: Path, onnx_path: Path,
-                  example: torch.Tensor, data: RunData | None, options: dict,
-                  report: dict) -> list[dict]:
-    """torch fp32, then ONNX fp32 (checked against torch), fp16 and int8 of one model."""
+                  example: torch.Tensor, options: dict) -> tuple[list[dict], list[Callable]]:
+    """torch fp32, then ONNX fp32 (checked against torch), fp16 and int8 of one model:
+    the rows without top-1, and the predictor of each row (the caller evaluates them all
+    in one pass over the test set)."""
     from pbt.prune import count_params_and_macs
 
     params, macs = count_params_and_macs(model, example[:1])
     suffix = f" ({label})" if label else ""
-    test = data.test if data is not None else None
-    torch_top1 = top1(_torch_predict(model), test) if test is not None else None
+    predicts = [_torch_predict(model)]
     threads = torch.get_num_threads()
     torch.set_num_threads(options["threads"])
     try:
-        torch_latency = _measure(_torch_predict(model), example, options["runs"])
+        torch_latency = _measure(predicts[0], example, options["runs"])
     finally:
         torch.set_num_threads(threads)
     rows = [{"name": f"torch fp32{suffix}", "variant": label, "format": "torch",
              "precision": "fp32", "file": str(source), "size_bytes": source.stat().st_size,
-             "params": params, "macs": macs, "latency_ms": torch_latency,
-             "top1": torch_top1, "top1_diff": 0.0 if torch_top1 is not None else None}]
+             "params": params, "macs": macs, "latency_ms": torch_latency}]
     to_onnx(model, example[:1], onnx_path, opset=OPSET)
-    files = [("fp32", onnx_path)]
+    files = [("fp32", onnx_path, {})]
     if options["fp16"]:
-        files.append(("fp16", to_fp16(onnx_path, onnx_path.with_suffix(".fp16.onnx"))))
+        files.append(("fp16", to_fp16(onnx_path, onnx_path.with_suffix(".fp16.onnx")), {}))
     if options["int8"]:
         int8_path = onnx_path.with_suffix(".int8.onnx")
         excluded = to_int8(onnx_path, int8_path, options["calibration"],
                            per_channel=options["per_channel"],
                            exclude_first_last=options["exclude_first_last"])
-        report["calibration"].setdefault("excluded_nodes", {})[label or "model"] = excluded
-        files.append(("int8", int8_path))
-    for precision, path in files:
+        files.append(("int8", int8_path, {"excluded_nodes": excluded}))
+    reference = predicts[0](example.numpy())
+    for precision, path, extra in files:
         predict = _onnx_predict(_session(path, options["threads"]))
-        diff = onnx_max_abs_diff(path, model, example)
+        diff = float(np.abs(predict(example.numpy()) - reference).max())
         if precision == "fp32" and not diff <= options["atol"]:
             raise RuntimeError(f"ONNX check failed for {str(path)!r}: onnxruntime differs from "
                                f"PyTorch by {diff:.3g} (limit {options['atol']:g})")
-        accuracy = top1(predict, test) if test is not None else None
+        predicts.append(predict)
         rows.append({"name": f"onnx {precision}{suffix}", "variant": label, "format": "onnx",
                      "precision": precision, "file": str(path),
                      "size_bytes": path.stat().st_size, "params": params, "macs": macs,
                      "latency_ms": _measure(predict, example, options["runs"]),
-                     "top1": accuracy, "max_abs_diff": diff,
-                     "top1_diff": None if accuracy is None else accuracy - torch_top1})
-    return rows
+                     "max_abs_diff": diff, **extra})
+    return rows, predicts
 
 
 def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool = False,
@@ -515,17 +531,26 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
             "chosen": "random, seed 0", "transform": "the run's test transform",
             "method": "MinMax", "format": "QDQ", "weights": "int8, per channel" if per_channel
             else "int8, per tensor", "activations": "uint8"}
+    variants = [("pruned" if pruned else ("" if baseline is None else "model"), model,
+                 ckpt_path, onnx_path)]
     if baseline is not None:
-        base_model, _ = load_checkpoint(baseline)
-        report["rows"] += _variant_rows("unpruned", base_model, resolve_checkpoint(baseline),
-                                        onnx_path.with_name(onnx_path.stem + ".unpruned.onnx"),
-                                        example, data, options, report)
-    label = "pruned" if pruned else ("" if baseline is None else "model")
-    report["rows"] += _variant_rows(label, model, ckpt_path, onnx_path, example, data, options,
-                                    report)
+        variants.insert(0, ("unpruned", load_checkpoint(baseline)[0],
+                            resolve_checkpoint(baseline),
+                            onnx_path.with_name(onnx_path.stem + ".unpruned.onnx")))
+    predicts = []
+    for label, net, source, path in variants:
+        rows, row_predicts = _variant_rows(label, net, source, path, example, options)
+        report["rows"] += rows
+        predicts += row_predicts
+    accuracies = top1(predicts, data.test) if data is not None else [None] * len(predicts)
     first = report["rows"][0]["latency_ms"]
-    for row in report["rows"]:
+    torch_top1 = None  # of the variant's torch row, which comes first in each variant
+    for row, accuracy in zip(report["rows"], accuracies):
         row["speedup"] = {k: round(first[k] / row["latency_ms"][k], 2) for k in first}
+        if row["format"] == "torch":
+            torch_top1 = accuracy
+        row["top1"] = accuracy
+        row["top1_diff"] = None if accuracy is None else accuracy - torch_top1
         if row["precision"] == "int8" and row["top1_diff"] is not None \
                 and row["top1_diff"] < -int8_tolerance:
             report["warnings"].append(

@@ -83,9 +83,7 @@ class Distiller:
         from pbt.checkpoint import load_weights, safe_load
 
         cfg = trainer.cfg
-        path = Path(cfg.distill_from)
-        if not path.is_file():
-            raise ConfigError(f"key 'distill_from': teacher weights {str(path)!r} does not exist")
+        path = Path(cfg.distill_from)  # the config has checked that it exists
         saved = safe_load(path, key="distill_from")
         saved = saved if isinstance(saved, dict) else {}
         names, ours = saved.get("class_names"), getattr(trainer, "class_names", None)

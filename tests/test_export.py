@@ -213,3 +213,19 @@ def test_int8_without_the_runs_data_says_what_to_pass(tmp_path):
     assert "config.yaml" in report["notes"][0] and "gone/test" in report["notes"][0]
     with pytest.raises(ConfigError, match="config.yaml.*gone/test"):
         deploy_report(tmp_path / "ckpt.pth", tmp_path / "m3.onnx", int8=True)
+
+
+def test_a_failed_export_leaves_the_previous_file_whole(tmp_path):
+    from pbt.export import to_onnx
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot trace this")
+
+    model = _save_checkpoint(tmp_path / "ckpt.pth", "resnet18", pruned=False)
+    path = to_onnx(model, torch.randn(1, 3, 32, 40), tmp_path / "out" / "m.onnx")
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot trace"):
+        to_onnx(Breaks(), torch.randn(1, 3, 32, 40), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["m.onnx"]  # no partial file left
