@@ -230,6 +230,7 @@ class AccuracyRecorder(Callback):
         self.train_correct = _Mean()
         self.predictions: list = []
         self.labels: list = []
+        self.image: Any = None  # the last confusion matrix plot, HWC uint8
 
     def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
         targets = self.trainer.targets
@@ -271,6 +272,8 @@ class AccuracyRecorder(Callback):
         trainer = self.trainer
         if self.write_reports and trainer.is_main_process and hasattr(trainer, "run_dir"):
             self._write_reports(trainer.run_dir, top[:, 0], labels)
+            if self.image is not None:  # for LogHistory (TensorBoard); not part of history
+                logs.setdefault("images", {})["test/confusion_matrix"] = self.image
 
     def _write_reports(self, run_dir: Any, predicted: Any, labels: Any) -> None:
         import torch
@@ -296,6 +299,11 @@ class AccuracyRecorder(Callback):
         accuracy = float(matrix.diag().sum()) / max(int(matrix.sum()), 1)
         report.append(f"{'accuracy':>16} {accuracy:9.4f} {'':9} {'':9} {int(matrix.sum()):8d}")
         (run_dir / "classification_report.txt").write_text("\n".join(report) + "\n")
+        if num_classes <= MAX_CONFUSION_PLOT_CLASSES:
+            self.image = confusion_image(matrix, names)
+            from PIL import Image
+
+            Image.fromarray(self.image).save(run_dir / "confusion_matrix.png")
 
     def state_dict(self) -> dict:
         return {"train_total": self.train_correct.total, "train_count": self.train_correct.count}
@@ -303,6 +311,38 @@ class AccuracyRecorder(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.train_correct.total = state["train_total"]
         self.train_correct.count = state["train_count"]
+
+
+MAX_CONFUSION_PLOT_CLASSES = 50  # beyond this a plot is unreadable; the CSV is still written
+
+
+def confusion_image(matrix: Any, names: list[str]) -> Any:
+    """The confusion matrix drawn with counts, rows true and columns predicted (HWC uint8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    counts = matrix.numpy()
+    size = 2.5 + 0.45 * len(names)
+    figure, axes = plt.subplots(figsize=(size, size), dpi=80)
+    axes.imshow(counts, cmap="Blues")
+    ticks = range(len(names))
+    axes.set_xticks(ticks, names, rotation=90 if len(names) > 10 else 0)
+    axes.set_yticks(ticks, names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(names) <= 20:
+        limit = counts.max() / 2
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=8,
+                      color="white" if count > limit else "black")
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
 
 
 def _scalars(logs: dict, phase: str) -> dict[str, float]:
@@ -332,7 +372,8 @@ def _quiet_tensorboard_thread_on_full_disk() -> None:
 
 class LogHistory(Callback):
     """TensorBoard: train loss (each dict-loss key too) and lr every ``log_freq`` optimizer
-    steps, every epoch's train/test metrics, and the config as text. Main process only."""
+    steps, every epoch's train/test metrics, images other callbacks put in
+    ``logs["images"]`` (the confusion matrix), and the config as text. Main process only."""
 
     def __init__(self, log_dir: Any, log_freq: int = 20) -> None:
         self.log_dir, self.log_freq = log_dir, log_freq
@@ -372,6 +413,8 @@ class LogHistory(Callback):
             for name, value in _scalars(logs, phase).items():
                 self.writer.add_scalar(f"epoch/{phase}_{name}", value, epoch + 1)
         self.writer.add_scalar("epoch/lr", self.trainer.lr, epoch + 1)
+        for tag, image in logs.pop("images", {}).items():
+            self.writer.add_image(tag, image, epoch + 1, dataformats="HWC")
         self.writer.flush()
 
     def on_train_end(self, logs: dict) -> None:
@@ -511,6 +554,106 @@ class ProgressBar(Callback):
 
     def on_train_end(self, logs: dict) -> None:
         self.on_test_begin(logs)
+
+
+class CSVLogger(Callback):
+    """``history.csv`` in the run dir: one row per epoch (epoch, step, lr, train_*, test_*),
+    rewritten whole from the run's history each epoch, so a resumed run's file is whole."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        import csv
+        import io
+
+        from pbt.checkpoint import write_text_atomic
+
+        if not self.trainer.is_main_process:
+            return
+        rows = []
+        for entry in self.trainer.history:
+            row = {"epoch": entry["epoch"], "global_step": entry.get("global_step"),
+                   "lr": entry.get("lr")}
+            for phase in ("train", "test"):
+                row.update({f"{phase}_{name}": value
+                            for name, value in entry.get(phase, {}).items()})
+            rows.append(row)
+        columns = list(dict.fromkeys(name for row in rows for name in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.path, text.getvalue())
+
+
+class ModelEMA(Callback):
+    """An exponential moving average of the weights, updated after every optimizer step.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n steps (timm's and
+    TensorFlow's rule), so the random initial weights fade fast. With ``eval_weights`` the
+    test pass runs on the averaged weights (swapped in, then back) and ``best.pth`` /
+    ``last.pth`` hold them (``"weights": "ema"``). The average travels in resumable states.
+    Every process keeps its own average of the same (DDP-synchronised) weights.
+    """
+
+    def __init__(self, decay: float = 0.9998, eval_weights: bool = True) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ModelEMA decay must be in (0, 1), got {decay!r}")
+        self.decay, self.eval_weights = decay, eval_weights
+        self.weights: dict | None = None  # name -> averaged tensor, as the model's state_dict
+        self.live: dict | None = None  # the trained weights while the test pass uses the EMA
+
+    def on_train_begin(self, logs: dict) -> None:
+        state = self.trainer.unwrapped_model.state_dict()
+        if self.weights is None:
+            self.weights = {name: value.detach().clone() for name, value in state.items()}
+        else:  # restored from a resumable state (on the CPU)
+            self.weights = {name: self.weights[name].to(value.device)
+                            for name, value in state.items()}
+
+    def on_batch_end(self, batch: int, logs: dict) -> None:
+        import torch
+
+        trainer = self.trainer
+        if self.weights is None or not trainer.accelerator.sync_gradients:
+            return
+        step = trainer.global_step  # optimizer steps done, this one included
+        decay = min(self.decay, (1 + step) / (10 + step))
+        averages, values = [], []
+        with torch.no_grad():
+            for name, value in trainer.unwrapped_model.state_dict().items():
+                if value.is_floating_point():
+                    averages.append(self.weights[name])
+                    values.append(value.detach())
+                else:  # counters (BatchNorm's num_batches_tracked): the current value
+                    self.weights[name].copy_(value)
+            torch._foreach_lerp_(averages, values, 1.0 - decay)
+
+    def _swap(self, weights: dict) -> dict:
+        import torch
+
+        state = self.trainer.unwrapped_model.state_dict()
+        previous = {name: value.detach().clone() for name, value in state.items()}
+        with torch.no_grad():
+            for name, value in state.items():
+                value.copy_(weights[name])
+        return previous
+
+    def on_test_begin(self, logs: dict) -> None:
+        if self.eval_weights and self.weights is not None:
+            self.live = self._swap(self.weights)
+
+    def on_test_end(self, logs: dict) -> None:
+        if self.live is not None:
+            self._swap(self.live)
+            self.live = None
+
+    def state_dict(self) -> dict:
+        return {"weights": {name: value.cpu() for name, value in (self.weights or {}).items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"] or None
 
 
 class EarlyStopping(Callback):

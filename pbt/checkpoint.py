@@ -124,8 +124,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name, then rename."""
     import json
 
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary name, then rename."""
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(data, indent=2)
     try:
         tmp.write_text(text)
         tmp.replace(path)
@@ -154,16 +158,28 @@ def strip_module_prefix(state: dict) -> dict:
 
 def weights_state(trainer: Any, metric: float | None = None) -> dict:
     """A plain weights checkpoint (loads with ``weights_only=True``): the unwrapped model's
-    tensors (copies, so training may go on while it is written), the trainer's
-    ``checkpoint_meta()`` (what rebuilds the net), epoch, step, metric, pruning history."""
+    tensors (copies, so training may go on while it is written), or the EMA weights when
+    the test pass used them (``"weights"`` says which; a ``ModelEMA`` not used for testing
+    adds ``"model_ema"``), the trainer's ``checkpoint_meta()`` (what rebuilds the net),
+    epoch, step, metric, pruning history."""
+    from pbt.callbacks import ModelEMA
+
+    def copy(weights: dict) -> dict:
+        return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+
+    ema = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, ModelEMA)
+                and c.weights is not None), None)
+    use_ema = ema is not None and ema.eval_weights  # the weights the metric was measured on
     state = {
-        "model": {k: v.detach().to("cpu", copy=True)
-                  for k, v in trainer.unwrapped_model.state_dict().items()},
+        "model": copy(ema.weights if use_ema else trainer.unwrapped_model.state_dict()),
+        "weights": "ema" if use_ema else "trained",
         **trainer.checkpoint_meta(),
         "epoch": trainer.epoch + 1,
         "global_step": trainer.global_step,
         "metric": metric,
     }
+    if ema is not None and not use_ema:
+        state["model_ema"] = copy(ema.weights)
     if trainer.prune_history is not None:
         state["prune_history"] = trainer.prune_history
     return state

@@ -254,6 +254,24 @@ CORE_KEYS: tuple[Key, ...] = (
         check=lambda v: None if 0.0 <= v <= 1.0 else "a number between 0 and 1"),
     Key("distill_temperature", float, 4.0, "softmax temperature of the KD loss",
         check=lambda v: None if v > 0 else "a number > 0"),
+    # training better and faster
+    Key("ema_decay", float, 0.0, "EMA of the weights, e.g. 0.9998 (0: off); the decay warms "
+        "up as min(ema_decay, (1 + step) / (10 + step))",
+        check=lambda v: None if 0.0 <= v < 1.0 else "0 (off) or a number in (0, 1)"),
+    Key("ema_eval", bool, True, "test (and best.pth / last.pth) use the EMA weights"),
+    Key("mixup_alpha", float, 0.0, "mixup Beta(alpha, alpha) (0: off)", check=_at_least(0)),
+    Key("cutmix_alpha", float, 0.0, "CutMix Beta(alpha, alpha) (0: off)", check=_at_least(0)),
+    Key("mix_prob", float, 1.0, "share of batches mixed (mixup or CutMix, one of them)",
+        check=lambda v: None if 0.0 <= v <= 1.0 else "a number between 0 and 1"),
+    Key("mix_off_epochs", int, 0, "no mixing in the last N epochs", check=_at_least(0)),
+    Key("channels_last", bool, False, "model (and inputs) in channels-last memory format"),
+    Key("compile", bool, False, "torch.compile the model (after pruning, before DDP)"),
+    Key("compile_mode", str, "default", "torch.compile mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
+    Key("summary_layers", bool, False, "also log a per-layer table at start",
+        safe_on_resume=True),
+    Key("lr_find", bool, False, "run the LR range test (pbt.lr_find) instead of training",
+        safe_on_resume=True),
 )
 
 # PBT keys pbt deliberately does not use: accepted, and named at start with the reason.

@@ -393,15 +393,23 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
 
 
 # -- transforms ----------------------------------------------------------------------------
+AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
+
+
 def build_transforms(input_size: Sequence[int], rgb_mean: Sequence[float],
                      rgb_std: Sequence[float], train: bool,
-                     crop_scale: tuple[float, float] = (0.08, 1.0),
-                     hflip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+                     crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
+                     policy: str | None = None, color_jitter: float = 0.0,
+                     erasing: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """transforms.v2 pipeline on uint8 CHW tensors to a normalised float tensor.
 
-    ``input_size`` is [W, H] (PBT's order). Train: RandomResizedCrop (``crop_scale``) and a
-    horizontal flip; test: resize to 1/0.875 of the size, then centre crop. Mean and std
-    are on the 0..1 scale. Geometry runs on uint8 (cheaper) before the float conversion.
+    ``input_size`` is [W, H] (PBT's order). Train: RandomResizedCrop (``crop_scale``), a
+    horizontal flip, colour jitter (brightness, contrast, saturation ``color_jitter``), an
+    augmentation ``policy`` (RandAugment 2 ops at magnitude 9, TrivialAugmentWide or
+    AutoAugment's ImageNet policy), then after normalising random erasing with probability
+    ``erasing``. Test: resize to 1/0.875 of the size, then centre crop. Mean and std are on
+    the 0..1 scale. Geometry runs on uint8 (cheaper) before the float conversion. Every
+    random choice draws from torch's RNG, which pbt's loaders seed per sample.
     """
     from torchvision.transforms import v2
 
@@ -420,10 +428,92 @@ def build_transforms(input_size: Sequence[int], rgb_mean: Sequence[float],
         head = [v2.RandomResizedCrop((height, width), scale=crop_scale, antialias=True)]
         if hflip:
             head.append(v2.RandomHorizontalFlip())
+        if color_jitter > 0:
+            head.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+        if policy is not None:
+            policies = {"randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9),
+                        "trivialaugment": v2.TrivialAugmentWide,
+                        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)}
+            if policy not in policies:
+                raise ConfigError(f"augmentation policy {policy!r} is not one of "
+                                  f"{', '.join(AUGMENT_POLICIES)}")
+            head.append(policies[policy]())
+        if erasing > 0:  # on the normalised image: erased pixels take the mean colour
+            tail.append(v2.RandomErasing(p=erasing, value=0))
     else:
         head = [v2.Resize((round(height / 0.875), round(width / 0.875)), antialias=True),
                 v2.CenterCrop((height, width))]
     return v2.Compose(head + tail)
+
+
+class BatchMixer:
+    """Mixup and CutMix on training batches ``(inputs, labels, ...)`` on the device: the
+    labels become class probabilities mixed in the same proportion as the inputs (mixup
+    blends any float inputs; CutMix pastes a box between (N, C, H, W) images).
+
+    Each batch draws from its own generator seeded by (seed, epoch, batch, process), so a
+    resumed or re-run training mixes identically. With both alphas set, each mixed batch
+    uses one of the two at random (timm's way). ``mix_prob`` of the batches are mixed;
+    none from epoch ``stop_epoch`` on (the last ``mix_off_epochs``).
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 mix_prob: float = 1.0, seed: int = 0, process_index: int = 0,
+                 stop_epoch: int | None = None) -> None:
+        if mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("BatchMixer needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.num_classes, self.mix_prob = num_classes, mix_prob
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.seed, self.process_index, self.stop_epoch = seed, process_index, stop_epoch
+
+    @classmethod
+    def from_config(cls, trainer: Any) -> BatchMixer:
+        cfg = trainer.cfg
+        num_classes = getattr(trainer, "num_classes", None) or cfg.get("num_classes")
+        if not num_classes:
+            raise ConfigError("keys 'mixup_alpha' / 'cutmix_alpha' need a classifier: the "
+                              "trainer names no num_classes")
+        if cfg.loss_type == "FocalLoss":
+            raise ConfigError("keys 'mixup_alpha' / 'cutmix_alpha' need a loss that takes "
+                              "class probabilities: loss_type CrossEntropyLoss or "
+                              "LabelSmoothing, not FocalLoss")
+        return cls(int(num_classes), cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
+                   cfg.seed, trainer.accelerator.process_index,
+                   stop_epoch=cfg.num_epochs - cfg.mix_off_epochs)
+
+    def __call__(self, batch: Any, epoch: int, batch_index: int) -> Any:
+        if self.stop_epoch is not None and epoch >= self.stop_epoch:
+            return batch
+        images, labels = batch[0], batch[1]
+        if not images.is_floating_point() or labels.ndim != 1 or labels.is_floating_point():
+            raise TypeError("mixup / CutMix need batches of float inputs (N, ...) and N integer "
+                            f"labels, got {tuple(images.shape)} {images.dtype} and "
+                            f"{tuple(labels.shape)} {labels.dtype}")
+        rng = np.random.default_rng([self.seed, epoch, batch_index, self.process_index])
+        if rng.random() >= self.mix_prob:
+            return batch
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < 0.5)
+        if cutmix and images.ndim != 4:
+            raise TypeError(f"CutMix needs (N, C, H, W) images, got {tuple(images.shape)}")
+        alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
+        share = float(rng.beta(alpha, alpha))  # of the original image in the mix
+        order = torch.from_numpy(rng.permutation(len(labels))).to(images.device)
+        if cutmix:  # a box of area ~ (1 - share) pasted from the partner image
+            height, width = images.shape[-2:]
+            cut = np.sqrt(1.0 - share)
+            centre_y, centre_x = int(rng.integers(height)), int(rng.integers(width))
+            top, bottom = np.clip([centre_y - int(height * cut) // 2,
+                                   centre_y + int(height * cut) // 2], 0, height)
+            left, right = np.clip([centre_x - int(width * cut) // 2,
+                                   centre_x + int(width * cut) // 2], 0, width)
+            images = images.clone()
+            images[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
+            share = 1.0 - (bottom - top) * (right - left) / (height * width)
+        else:
+            images = images * share + images[order] * (1.0 - share)
+        one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(images.dtype)
+        targets = one_hot * share + one_hot[order] * (1.0 - share)
+        return type(batch)([images, targets, *batch[2:]])
 
 
 # -- resampling ----------------------------------------------------------------------------

@@ -48,6 +48,31 @@ def sum_losses(losses: torch.Tensor | list | tuple | dict) -> torch.Tensor:
     raise TypeError(f"run_step must return losses as a tensor, list or dict, got {losses!r}")
 
 
+def compile_model(model: nn.Module, mode: str, log: Callable[[str], None]) -> None:
+    """``torch.compile`` the model's forward in place (its state_dict keeps its names: no
+    ``_orig_mod.``). Compilation happens at the first call; if it fails there, the model
+    runs eagerly from then on and ``log`` says why in one line."""
+    import torch._dynamo
+
+    compiled = torch.compile(model._call_impl, mode=None if mode == "default" else mode)
+    failed = False
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                failed = True
+                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                log(f"compile: torch.compile failed ({type(err).__name__}: {reason}); "
+                    "the model runs without it")
+        return model._call_impl(*args, **kwargs)
+
+    # nn.Module.compile() stores its compiled forward here; ours adds the fallback
+    model._compiled_call_impl = call
+
+
 class Engine:
     """The hook loop of the spec; subclasses provide model, optimizer, loaders, criterion.
 
@@ -67,6 +92,7 @@ class Engine:
         self.stop_training = False
         self.inputs = self.targets = self.outputs = self.losses = self.loss = None
         self.distiller: Callable | None = None  # pbt.losses.Distiller with distill_from
+        self.batch_mixer: Callable | None = None  # pbt.data.BatchMixer with mixup / CutMix
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self.criterion: Callable
@@ -143,6 +169,8 @@ class Engine:
         self.fire("on_epoch_begin", self.epoch)
         for batch_idx, batch in enumerate(loader, start=first):
             self.batch_idx = batch_idx
+            if self.batch_mixer is not None:  # mixed targets are class probabilities
+                batch = self.batch_mixer(batch, self.epoch, batch_idx)
             self.inputs, self.targets = batch, self.get_targets(batch)
             self.fire("on_batch_begin", batch_idx)
             self.train_step(batch)
@@ -255,6 +283,15 @@ class EngineTrainer(Engine):
             from pbt.losses import Distiller
 
             self.distiller = Distiller.from_config(self)
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            from pbt.data import BatchMixer
+
+            self.batch_mixer = BatchMixer.from_config(self)
+        summary = self.model_summary(cfg)  # of the final network, before compile wraps it
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:  # after pruning, before DDP; the weights keep their names
+            compile_model(self.model, cfg.compile_mode, self.log)
         self.optimizer = self.build_optimizer(cfg)
         self.criterion = self.build_criterion(cfg)
         self.model, self.optimizer, self.train_loader, self.test_loader = self.accelerator.prepare(
@@ -266,6 +303,7 @@ class EngineTrainer(Engine):
         if saved is not None:
             self.restore(saved)
         open_run_dir(self)  # the first write: every check has passed
+        self.log(summary)
         device = self.accelerator.device
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper
@@ -314,17 +352,21 @@ class EngineTrainer(Engine):
 
     def build_callbacks(self, cfg: Config) -> list[Callback]:
         """The default set: schedule, NaN stop, losses, accuracy (classifiers only),
-        TensorBoard, checkpoints, progress; slim regularizer and early stopping when set."""
+        TensorBoard, history.csv, checkpoints, progress; EMA, slim regularizer and early
+        stopping when set."""
         from pbt import callbacks as cb
         from pbt.schedulers import build_scheduler
 
         callbacks: list[Callback] = [build_scheduler(cfg), cb.TerminateOnNaN(),
                                      cb.LossesRecorder()]
+        if cfg.ema_decay > 0:
+            callbacks.append(cb.ModelEMA(cfg.ema_decay, eval_weights=cfg.ema_eval))
         if self.is_classifier():
             num_classes = getattr(self, "num_classes", None) or cfg.get("num_classes") or 0
             callbacks.append(cb.AccuracyRecorder(getattr(self, "class_names", None),
                                                  topk=(1, 5) if num_classes >= 5 else (1,)))
         callbacks += [cb.LogHistory(self.run_dir / "tensorboard", log_freq=cfg.log_freq),
+                      cb.CSVLogger(self.run_dir / "history.csv"),
                       cb.ModelCheckpoint(self.run_dir, self.monitor, self.monitor_mode),
                       cb.ProgressBar(enabled=cfg.progress, log_freq=cfg.log_freq)]
         if cfg.slim_reg > 0:
@@ -359,6 +401,15 @@ class EngineTrainer(Engine):
         """Whether accuracy is recorded: the trainer (or cfg, as in PBT) names classes."""
         return bool(getattr(self, "num_classes", None) or getattr(self, "class_names", None)
                     or self.cfg.get("num_classes"))
+
+    def model_summary(self, cfg: Config) -> str:
+        """Parameters (trainable / total), MACs of one ``example_inputs()`` forward, and
+        with ``summary_layers`` a table of the layers."""
+        from pbt.prune import summarize_model
+
+        with torch.random.fork_rng(devices=[]):  # example inputs may draw random numbers
+            inputs = self.example_inputs()
+        return summarize_model(self.model, inputs, layers=cfg.summary_layers)
 
     def example_inputs(self) -> Any:
         """One input for tracing the model (pruning): the first test sample's data."""
@@ -415,6 +466,10 @@ class EngineTrainer(Engine):
         """Train (or only evaluate, with ``eval_only``) and return the summary.
         SIGINT / SIGTERM finish the current step, save a resumable state and stop."""
         try:
+            if self.cfg.lr_find:  # the LR range test; the weights are left as they were
+                from pbt.lr_find import lr_find
+
+                return lr_find(self)
             if self.cfg.eval_only:
                 for callback in self.callbacks:
                     callback.set_trainer(self)

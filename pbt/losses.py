@@ -27,7 +27,8 @@ class FocalLoss(nn.Module):
 
 
 class LabelSmoothing(nn.Module):
-    """Cross-entropy against targets smoothed to ``1 - s`` on the class, ``s / C`` on all."""
+    """Cross-entropy against targets smoothed to ``1 - s`` on the class, ``s / C`` on all.
+    Targets are class indices, or class probabilities (mixup / CutMix), smoothed alike."""
 
     def __init__(self, smoothing: float = 0.1) -> None:
         super().__init__()
@@ -35,6 +36,9 @@ class LabelSmoothing(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_probs = torch.log_softmax(logits.float(), dim=1)
+        if target.is_floating_point():
+            smoothed = target.float() * (1.0 - self.smoothing) + self.smoothing / target.shape[1]
+            return -(smoothed * log_probs).sum(dim=1).mean()
         nll = -log_probs.gather(1, target[:, None]).squeeze(1)
         uniform = -log_probs.mean(dim=1)
         return ((1.0 - self.smoothing) * nll + self.smoothing * uniform).mean()

@@ -9,6 +9,9 @@ with :class:`SlimRegularizer`). torch-pruning's dependency graph keeps coupled l
 the channels; torch-pruning still removes them, so the result and its history are the same
 kind as with the default backend (see :func:`_nni_prune`).
 
+Parameters and MACs are counted here too, for the pruning report and for the model
+summary every run logs at start (:func:`summarize_model`).
+
 Typical use, before ``accelerator.prepare`` and before the optimizer is built::
 
     result = prune_model(model, torch.randn(1, 3, 224, 224), method="l1", ratio=0.5)
@@ -185,6 +188,43 @@ def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, i
     finally:
         model.train(training)
     return int(params), int(macs)
+
+
+def _count(number: int) -> str:
+    for limit, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if number >= limit:
+            return f"{number / limit:.2f}{unit}"
+    return str(number)
+
+
+def summarize_model(model: nn.Module, example_inputs: Any, layers: bool = False) -> str:
+    """Keras's ``model.summary()`` in a few lines: parameters (trainable / total) and MACs of
+    one forward on ``example_inputs`` (counted by torch-pruning on a copy, in eval mode);
+    with ``layers`` a table of each leaf module's type, parameters and MACs."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = tuple(example_inputs.shape) if hasattr(example_inputs, "shape") else "?"
+    lines = [f"model {type(model).__name__}: {trainable:,} trainable of {total:,} parameters"]
+    try:
+        if layers:
+            import torch_pruning as tp
+
+            macs, _, layer_macs, layer_params = tp.utils.count_ops_and_params(
+                model, example_inputs, layer_wise=True)
+        else:
+            _, macs = count_params_and_macs(model, example_inputs)
+        lines[0] += f", {_count(int(macs))} MACs at input {shape}"
+    except Exception as err:  # an unusual model: the summary must not stop the run
+        lines[0] += f" (MACs not counted: {type(err).__name__}: {err})"
+        layers = False
+    if layers:
+        lines.append(f"  {'layer':<40} {'type':<20} {'params':>12} {'MACs':>10}")
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None and name:
+                lines.append(f"  {name:<40} {type(module).__name__:<20} "
+                             f"{int(layer_params.get(module) or 0):>12,} "
+                             f"{_count(int(layer_macs.get(module) or 0)):>10}")
+    return "\n".join(lines)
 
 
 def bn_scale_spread(model: nn.Module, ignored: Sequence[str] = ()) -> float:

@@ -22,7 +22,8 @@ from pbt.engine import EngineTrainer
 from pbt.launch import launch
 from pbt.models import NET_TYPES
 
-# train_transform presets: random-resized-crop scale and horizontal flip. PBT's names:
+# train_transform presets: a base (random-resized-crop scale and horizontal flip), then
+# optional additions joined by "+", e.g. "light+trivialaugment+erasing". PBT's names:
 # "train" is the default augmentation, "val" (test_transform) the resize + center crop.
 TRAIN_TRANSFORMS = {
     "default": {"crop_scale": (0.08, 1.0), "hflip": True},
@@ -30,6 +31,40 @@ TRAIN_TRANSFORMS = {
     "light": {"crop_scale": (0.6, 1.0), "hflip": False},
     "none": {"crop_scale": (1.0, 1.0), "hflip": False},
 }
+TRANSFORM_ADDITIONS = {
+    "randaugment": {"policy": "randaugment"},
+    "trivialaugment": {"policy": "trivialaugment"},
+    "autoaugment": {"policy": "autoaugment"},
+    "colorjitter": {"color_jitter": 0.4},
+    "erasing": {"erasing": 0.25},
+}
+
+
+def transform_options(preset: str) -> dict:
+    """``build_transforms`` arguments of a ``train_transform`` preset; a preset that starts
+    with an addition uses the ``default`` base."""
+    names = preset.lower().split("+")
+    base = names.pop(0) if names[0] in TRAIN_TRANSFORMS else "default"
+    options = dict(TRAIN_TRANSFORMS[base])
+    for name in names:
+        if "policy" in options and "policy" in TRANSFORM_ADDITIONS.get(name, {}):
+            raise ValueError(f"{preset!r} names two augmentation policies; pick one")
+        options.update(TRANSFORM_ADDITIONS[name])
+    return options
+
+
+def _check_transform(preset: str) -> str | None:
+    names = preset.lower().split("+")
+    unknown = [n for n in names[1 if names[0] in TRAIN_TRANSFORMS else 0:]
+               if n not in TRANSFORM_ADDITIONS]
+    if unknown or not names[0]:
+        return (f"a base ({', '.join(TRAIN_TRANSFORMS)}) optionally followed by +additions "
+                f"({', '.join(TRANSFORM_ADDITIONS)}), e.g. light+trivialaugment+erasing")
+    try:
+        transform_options(preset)
+    except ValueError as err:
+        return str(err)
+    return None
 
 # The recipe's own config keys (the engine's are in pbt.config.CORE_KEYS).
 KEYS = [
@@ -46,7 +81,8 @@ KEYS = [
         check=lambda v: None if len(v) == 3 else "3 numbers"),
     Key("rgb_std", "float_list", [0.5, 0.5, 0.5], "normalisation std (0..1 scale)",
         check=lambda v: None if len(v) == 3 else "3 numbers"),
-    Key("train_transform", str, "default", "augmentation preset", choices=tuple(TRAIN_TRANSFORMS)),
+    Key("train_transform", str, "default", "augmentation preset: base[+additions]",
+        check=_check_transform),
     Key("test_transform", str, "default", "resize + center crop (PBT: val)",
         choices=("default", "val")),
     Key("resample", str, "none", "class balancing", choices=("none", "mean", "sqrt", "log")),
@@ -74,7 +110,7 @@ class ClassificationTrainer(EngineTrainer):
 
         train_data, _ = self.data_sources(cfg)
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
-                                     **TRAIN_TRANSFORMS[cfg.train_transform])
+                                     **transform_options(cfg.train_transform))
         dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images,
                                 key="train_data")
         self.class_names = list(dataset.classes)

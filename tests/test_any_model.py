@@ -188,7 +188,7 @@ def test_pbt_config_wins_over_accelerate_with_one_line(tmp_path, tiny_trainer, m
 def test_engine_imports_no_task_module():
     source = (ROOT / "pbt" / "engine.py").read_text()
     assert "pbt.models" not in source and "torchvision" not in source
-    assert len(source.splitlines()) <= 475
+    assert len(source.splitlines()) <= 525
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = "import sys, pbt.engine; print(sorted(m for m in sys.modules if m.startswith('pbt')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

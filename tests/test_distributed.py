@@ -490,14 +490,23 @@ def train_tiny_2p(cwd: Path, run_name: str, *args: str, signal_at: str | None = 
 
 
 def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer):
-    straight = train_tiny_2p(tmp_path, "straight")
+    """With EMA and mixup on: both are per-process state that must survive the kill."""
+    extra = ["--ema_decay", "0.9", "--mixup_alpha", "0.4"]
+    straight = train_tiny_2p(tmp_path, "straight", *extra)
     assert straight.returncode == 0, straight.stderr
     assert ready_ranks(straight.stdout) == {"0", "1"}
-    crashed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2",
+    crashed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", *extra,
                             signal_at="2,3,KILL,1")  # rank 1 dies in epoch 2
     assert crashed.returncode != 0 and "rank 1" in crashed.stderr
     run_dir = tmp_path / "w" / "crashed"
-    resumed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", "--resume", str(run_dir))
+    # each rank averaged the same (all-reduced) parameters: the same EMA of them
+    state = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    ranks = [torch.load(state / f"pbt_rank_{r}.pt", weights_only=True)["callbacks"]
+             ["ModelEMA#0"]["weights"] for r in (0, 1)]
+    parameters = [name for name in ranks[0] if "running" not in name and "num_batches" not in name]
+    assert parameters and all(torch.equal(ranks[0][k], ranks[1][k]) for k in parameters)
+    resumed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", "--resume", str(run_dir),
+                            *extra)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and ready_ranks(resumed.stdout) == {"0", "1"}
     a = torch.load(tmp_path / "w" / "straight" / "last.pth", weights_only=True)["model"]

@@ -1,0 +1,241 @@
+"""EMA, mixup / CutMix, augmentation presets, compile fallback, model summary, history.csv
+and the confusion matrix image: real runs of the tiny trainer and real files read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, NoisyBlobs, tiny_cfg
+from test_resume import assert_same_run, train_tiny
+
+from pbt.callbacks import Callback, ModelEMA
+from pbt.config import ConfigError
+from pbt.data import BatchMixer, build_transforms
+from pbt.losses import LabelSmoothing
+
+
+def recipe_module():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import classification
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    return classification
+
+
+# -- mixup / CutMix ------------------------------------------------------------------------
+def read_mix(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share of each row's own image, index of its partner) from the targets of a batch
+    whose label i is sample i (so every class is one sample)."""
+    own = targets.diagonal()
+    partner = torch.where(own < 1, (targets - torch.diag(own)).argmax(1), torch.arange(len(own)))
+    return own, partner
+
+
+def test_mixup_mixes_images_and_targets_alike():
+    images, labels = torch.rand(6, 3, 8, 8), torch.arange(6)
+    mixer = BatchMixer(6, mixup_alpha=0.4, seed=3)
+    mixed, targets = mixer((images, labels), 0, 5)
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    share, partner = read_mix(targets)
+    expected = share[:, None, None, None] * images + (1 - share[:, None, None, None]) * \
+        images[partner]
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert (share < 1).any()
+    # the same (seed, epoch, batch, process) mixes the same; another batch or rank does not
+    assert torch.equal(mixer((images, labels), 0, 5)[0], mixed)
+    assert not torch.equal(mixer((images, labels), 0, 6)[0], mixed)
+    other_rank = BatchMixer(6, mixup_alpha=0.4, seed=3, process_index=1)
+    assert not torch.equal(other_rank((images, labels), 0, 5)[0], mixed)
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_target_share():
+    images, labels = torch.rand(6, 3, 16, 16) + torch.arange(6)[:, None, None, None], \
+        torch.arange(6)
+    mixer = BatchMixer(6, cutmix_alpha=1.0, seed=0)
+    for batch in range(4):
+        mixed, targets = mixer((images, labels), 0, batch)
+        share, partner = read_mix(targets)
+        for i in range(6):
+            from_partner = (mixed[i] == images[partner[i]]).all(0) & (partner[i] != i)
+            from_own = (mixed[i] == images[i]).all(0)
+            assert (from_partner | from_own).all()
+            assert float(from_own.float().mean()) == pytest.approx(float(share[i]), abs=1e-6)
+
+
+def test_mixing_switches_off_in_the_last_epochs_and_by_probability():
+    batch = (torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    late = BatchMixer(4, mixup_alpha=1.0, stop_epoch=2)
+    assert late(batch, 1, 0) is not batch and late(batch, 2, 0) is batch
+    assert BatchMixer(4, mixup_alpha=1.0, mix_prob=0.0)(batch, 0, 0) is batch
+    with pytest.raises(TypeError, match="integer labels"):
+        late((batch[0], batch[1].float()), 0, 0)
+
+
+def test_soft_targets_work_with_label_smoothing():
+    logits = torch.randn(5, 4)
+    a, b, share = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 1, 0, 2, 3]), 0.3
+    one_hot = torch.nn.functional.one_hot
+    soft = share * one_hot(a, 4).float() + (1 - share) * one_hot(b, 4).float()
+    for smoothing in (0.0, 0.1):
+        loss = LabelSmoothing(smoothing)
+        expected = share * loss(logits, a) + (1 - share) * loss(logits, b)
+        assert torch.allclose(loss(logits, soft), expected, atol=1e-6)
+    ce = torch.nn.CrossEntropyLoss()
+    assert torch.allclose(ce(logits, soft), share * ce(logits, a) + (1 - share) * ce(logits, b))
+
+
+def test_mixup_needs_a_loss_of_class_probabilities(tmp_path, tiny_trainer):
+    with pytest.raises(ConfigError, match="FocalLoss"):
+        tiny_trainer(tiny_cfg(tmp_path, mixup_alpha=0.2, loss_type="FocalLoss"))
+    run_dir = tmp_path / "work" / "tiny"  # at most the lock of the refused run
+    assert not [p for p in run_dir.glob("*") if p.name != ".pbt.lock"]
+
+
+def test_ema_and_mixup_resume_exactly_after_sigkill(tmp_path):
+    args = ["--num_workers", "0", "--ema_decay", "0.9", "--mixup_alpha", "0.4",
+            "--cutmix_alpha", "0", "--mix_off_epochs", "1"]
+    train_tiny(tmp_path, "--run_name", "straight", *args)
+    train_tiny(tmp_path, "--run_name", "crashed", "--save_steps", "2", *args,
+               signal_at="2,3,KILL", expect=-9)
+    run_dir = tmp_path / "w" / "crashed"
+    train_tiny(tmp_path, "--run_name", "crashed", "--save_steps", "2", "--resume",
+               str(run_dir), *args)
+    assert_same_run(tmp_path / "w" / "straight", run_dir)
+    assert torch.load(run_dir / "last.pth", weights_only=True)["weights"] == "ema"
+    history = json.loads((run_dir / "summary.json").read_text())["history"]
+    # train accuracy only where the targets were labels: the last (unmixed) epoch
+    assert ["top1" in entry["train"] for entry in history] == [False, False, True]
+
+
+# -- EMA -----------------------------------------------------------------------------------
+class RecordWeights(Callback):
+    def on_train_begin(self, logs):
+        self.steps = [self.copy()]
+
+    def on_batch_end(self, batch, logs):
+        self.steps.append(self.copy())
+
+    def copy(self):
+        return {k: v.detach().clone() for k, v in self.trainer.unwrapped_model.state_dict().items()}
+
+
+def accuracy_of(weights: dict, trainer) -> float:
+    model = trainer.build_model(trainer.cfg)
+    model.load_state_dict(weights)
+    model.eval()
+    data = NoisyBlobs(23, 1)
+    with torch.no_grad():
+        return float((model(data.data).argmax(1) == data.targets).float().mean() * 100)
+
+
+def test_ema_follows_its_warm_up_rule_and_is_what_the_test_measured(tmp_path, tiny_trainer):
+    recorder = RecordWeights()
+    trainer = tiny_trainer(tiny_cfg(tmp_path, ema_decay=0.8, num_epochs=2), [recorder])
+    trainer.run()
+    expected = recorder.steps[0]
+    for step, weights in enumerate(recorder.steps[1:], start=1):
+        decay = min(0.8, (1 + step) / (10 + step))
+        expected = {k: (decay * expected[k] + (1 - decay) * v if v.is_floating_point() else v)
+                    for k, v in weights.items()}
+    ema = next(c for c in trainer.callbacks if isinstance(c, ModelEMA))
+    assert all(torch.allclose(ema.weights[k].float(), expected[k].float(), atol=1e-6)
+               for k in expected)
+    saved = torch.load(trainer.run_dir / "last.pth", weights_only=True)
+    assert saved["weights"] == "ema" and "model_ema" not in saved
+    assert all(torch.equal(saved["model"][k], ema.weights[k]) for k in expected)
+    assert not all(torch.equal(saved["model"][k], recorder.steps[-1][k]) for k in expected)
+    # the logged top-1 is that of the EMA weights, and training went on with its own
+    assert trainer.history[-1]["test"]["top1"] == pytest.approx(accuracy_of(saved["model"],
+                                                                             trainer))
+    live = trainer.unwrapped_model.state_dict()
+    assert all(torch.equal(live[k], recorder.steps[-1][k]) for k in live)
+
+
+def test_ema_without_ema_eval_tests_the_trained_weights(tmp_path, tiny_trainer):
+    trainer = tiny_trainer(tiny_cfg(tmp_path, ema_decay=0.8, ema_eval=False, num_epochs=1))
+    trainer.run()
+    saved = torch.load(trainer.run_dir / "last.pth", weights_only=True)
+    assert saved["weights"] == "trained" and saved["model_ema"].keys() == saved["model"].keys()
+    live = trainer.unwrapped_model.state_dict()
+    assert all(torch.equal(saved["model"][k], live[k]) for k in live)
+    assert trainer.history[-1]["test"]["top1"] == pytest.approx(accuracy_of(live, trainer))
+
+
+# -- compile, summary, files people look at ------------------------------------------------
+def test_a_model_that_fails_to_compile_falls_back_in_one_line(tmp_path, tiny_trainer,
+                                                              monkeypatch):
+    import torch._inductor.config
+
+    # as on a machine without a C++ compiler: inductor cannot build its CPU kernels
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-g++")))
+    trainer = tiny_trainer(tiny_cfg(tmp_path, compile=True, num_epochs=1))
+    trainer.run()
+    log = (trainer.run_dir / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "compile:" in line]
+    assert len(lines) == 1 and "torch.compile failed" in lines[0], log
+    assert "the model runs without it" in lines[0] and "no-g++" in lines[0]
+    saved = torch.load(trainer.run_dir / "last.pth", weights_only=True)["model"]
+    assert not any("_orig_mod" in key for key in saved)
+    fresh = trainer.build_model(trainer.cfg)
+    fresh.load_state_dict(saved)  # loads without compile
+
+
+def test_summary_history_csv_and_confusion_matrix_image(tmp_path, tiny_trainer):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = tiny_trainer(tiny_cfg(tmp_path, summary_layers=True, num_epochs=2))
+    trainer.run()
+    run_dir = trainer.run_dir
+    log = (run_dir / "train.log").read_text()
+    total = sum(p.numel() for p in trainer.unwrapped_model.parameters())
+    assert f"{total:,} trainable of {total:,} parameters" in log
+    assert "MACs at input (1, 8)" in log
+    assert any(line.split()[-4:-2] == ["0", "Linear"] for line in log.splitlines())
+    with open(run_dir / "history.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    for row, entry in zip(rows, trainer.history):
+        assert float(row["test_top1"]) == entry["test"]["top1"]
+        assert float(row["train_loss"]) == entry["train"]["loss"]
+        assert float(row["lr"]) == entry["lr"]
+    image = Image.open(run_dir / "confusion_matrix.png")
+    assert image.format == "PNG" and min(image.size) > 100
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("test/confusion_matrix")] == [1, 2]
+    assert len(events.Scalars("train/lr")) >= 2  # the LR curve
+
+
+# -- augmentation presets ------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["randaugment", "light+trivialaugment", "none+autoaugment",
+                                    "light+colorjitter+erasing", "train"])
+def test_augmentation_presets_are_seeded_per_sample(preset):
+    recipe = recipe_module()
+    options = recipe.transform_options(preset)
+    transform = build_transforms([24, 20], [0.5] * 3, [0.5] * 3, train=True, **options)
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    outputs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outputs.append(transform(image))
+    assert outputs[0].shape == (3, 20, 24) and outputs[0].dtype == torch.float32
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+
+
+def test_augmentation_preset_names_are_checked():
+    recipe = recipe_module()
+    assert recipe.transform_options("train") == {"crop_scale": (0.08, 1.0), "hflip": True}
+    assert recipe.transform_options("erasing")["crop_scale"] == (0.08, 1.0)  # default base
+    from pbt.config import load_config
+
+    for bad, message in (("light+randaugmnt", r"light\+trivialaugment\+erasing"),
+                         ("randaugment+autoaugment", "two augmentation policies")):
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config([], keys=recipe.KEYS, train_transform=bad)
+        assert "train_transform" in str(err.value)
