@@ -264,7 +264,7 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("mix_prob", float, 1.0, "share of batches mixed (mixup or CutMix, one of them)",
         check=lambda v: None if 0.0 <= v <= 1.0 else "a number between 0 and 1"),
     Key("mix_off_epochs", int, 0, "no mixing in the last N epochs", check=_at_least(0)),
-    Key("channels_last", bool, False, "model (and inputs) in channels-last memory format"),
+    Key("channels_last", bool, False, "model in channels-last memory format (activations follow)"),
     Key("compile", bool, False, "torch.compile the model (after pruning, before DDP)"),
     Key("compile_mode", str, "default", "torch.compile mode",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),

@@ -239,3 +239,21 @@ def test_augmentation_preset_names_are_checked():
         with pytest.raises(ConfigError, match=message) as err:
             load_config([], keys=recipe.KEYS, train_transform=bad)
         assert "train_transform" in str(err.value)
+
+
+def test_compiled_model_trains_saves_plain_names_and_resumes_exactly(tmp_path, tiny_trainer):
+    """A real torch.compile (inductor, C++ kernels on CPU) on the tiny trainer."""
+    trainer = tiny_trainer(tiny_cfg(tmp_path, compile=True, num_epochs=2))
+    trainer.run()
+    log = (trainer.run_dir / "train.log").read_text()
+    assert "compile:" not in log, log  # compiled, no fallback
+    assert trainer.unwrapped_model._compiled_call_impl is not None
+    straight = torch.load(trainer.run_dir / "last.pth", weights_only=True)
+    assert not any("_orig_mod" in key for key in straight["model"])
+    first_epoch = sorted((trainer.run_dir / "checkpoints").glob("step-*"))[0]
+    resumed = tiny_trainer(tiny_cfg(tmp_path, compile=True, num_epochs=2,
+                                    resume=str(first_epoch)))
+    resumed.run()
+    again = torch.load(resumed.run_dir / "last.pth", weights_only=True)
+    assert all(torch.equal(straight["model"][k], again["model"][k]) for k in straight["model"])
+    assert resumed.history == trainer.history
