@@ -218,3 +218,22 @@ def test_distillation_on_gpu_in_bf16(gpu_runs):
     step = re.findall(r"(\d+) ms/batch", log)
     report(f"KD on GPU, bf16, pruned student / unpruned teacher: 1 epoch, test top1 "
            f"{summary['history'][0]['test']['top1']:.2f}%, {step[-1] if step else '?'} ms/batch")
+
+
+def test_ema_mixup_channels_last_and_compile_on_gpu(gpu_runs):
+    """The issue's training features together on a GPU, bf16: nothing falls back."""
+    import re
+
+    summary = recipe_in_process(gpu_runs, *SMALL, "--run_name", "better", "--num_epochs", "2",
+                                "--mixed_precision", "bf16", "--channels_last", "true",
+                                "--compile", "true", "--ema_decay", "0.999",
+                                "--mixup_alpha", "0.2", "--cutmix_alpha", "1.0",
+                                "--train_transform", "light+trivialaugment+erasing")
+    run_dir = gpu_runs / "w" / "better"
+    log = (run_dir / "train.log").read_text()
+    assert "torch.compile failed" not in log, log
+    saved = torch.load(run_dir / "best.pth", weights_only=True)
+    assert saved["weights"] == "ema" and not any("_orig_mod" in k for k in saved["model"])
+    step = re.findall(r"(\d+) ms/batch", log)
+    report(f"EMA + mixup/CutMix + channels_last + compile, bf16: 2 epochs, test top1 "
+           f"{summary['history'][-1]['test']['top1']:.2f}%, ms/batch by epoch {step}")
