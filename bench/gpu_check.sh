@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# GPU checks for pbt on ONE CUDA GPU, in one go (each step has a time limit; 8 minutes at most),
-# nothing downloaded.
+# GPU checks for pbt on ONE CUDA GPU, in one go (each step has a time limit; 10 minutes at
+# most), nothing downloaded.
 #
-#   1. resnet50 at 224x224, batch 64, training throughput through pbt's engine
-#      (bench/ddp_scaling.py, synthetic images): fp32 vs mixed_precision bf16 (each run
-#      takes about 55 s on an H100 machine, nearly all of it start-up)
+#   1. bench/gpu_speed.py (limit 280 s; about 3-4 min on an H100): resnet50 at 224x224,
+#      batch 64, one synthetic batch on the device, images/s for fp32, bf16,
+#      bf16 + channels_last and bf16 + channels_last + torch.compile (compile time shown),
+#      each through a hand-written loop and through pbt's engine; then resnet18 bf16 +
+#      channels_last through the engine on 5,000 JPEG files with pbt's loader vs synthetic
+#      data, with the GPU utilisation during the timed steps.
 #   2. pytest -m gpu (tests/test_gpu.py, one case in test_prune.py): bf16 / fp16 (GradScaler)
 #      / fp32 training steps with the forward's dtype checked; SlimRegularizer under fp16's
 #      scaler; pinned-memory loaders; the recipe end to end on --gpu_id 0;
@@ -50,19 +53,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 torchvision.__version__, 'accelerate', accelerate.__version__, 'bf16', \
 torch.cuda.is_bf16_supported())"
 
-BENCH=("${PYTHON}" bench/ddp_scaling.py --device cuda --processes 1 --net_type resnet50
-       --input_size 224 224 --batch_size 64 --steps 30 --warmup 10 --repeats 1)
-for precision in no bf16; do
-    step 75 "resnet50 224 b64 throughput ${precision}" '^ +1 ' \
-        "${BENCH[@]}" --mixed_precision "${precision}"
-done
+step 280 "gpu_speed (resnet50, JPEG loader)" '^gpu_speed:' \
+    "${PYTHON}" bench/gpu_speed.py
 
 step 330 "pytest -m gpu" '(passed|failed|error)' \
     "${PYTHON}" -m pytest -q -m gpu -rA -p no:cacheprovider tests/
 
 echo
 echo "================================ gpu_check summary ================================"
-printf '%-34s %4s %6s  %s\n' "step" "exit" "time" "result (throughput: processes threads img/s ms/step)"
+printf '%-34s %4s %6s  %s\n' "step" "exit" "time" "result"
 for row in "${ROWS[@]}"; do echo "${row}"; done
 echo "-- facts reported by the GPU tests:"
 sed 's/^/   /' "${PBT_GPU_REPORT}"

@@ -234,8 +234,8 @@ class EngineTrainer(Engine):
         settings, notes = accelerator_settings(cfg, os.environ)
         accelerator = Accelerator(
             **settings, cpu=not torch.cuda.is_available(),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                      data_seed=cfg.seed))
+            dataloader_config=DataLoaderConfiguration(  # non_blocking: pinned batches
+                use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True))
         super().__init__(cfg, accelerator)
         set_seed(cfg.seed)
         self.started, self.seconds_before = time.time(), 0.0
