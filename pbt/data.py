@@ -169,6 +169,126 @@ def scan_images(paths: Sequence[str | Path], num_threads: int | None = None) -> 
     return {str(path): reason for path, reason in zip(paths, reasons) if reason is not None}
 
 
+def _decode_checked(path: str | Path) -> torch.Tensor | str:
+    """The decoded image ``load_image`` would return, or why the file is not usable (as
+    :func:`check_image` words it: PIL, the fallback decoder, reports truncation)."""
+    try:
+        data = Path(path).read_bytes()
+        if not data:
+            return "empty file"
+        return decode_image_bytes(data)
+    except Exception as err:
+        return _reason(err)
+
+
+def decode_images(paths: Sequence[str | Path],
+                  num_threads: int | None = None) -> tuple[list[torch.Tensor | None],
+                                                           dict[str, str]]:
+    """Decode many images in a thread pool, as :func:`load_image` does each one.
+
+    Returns the uint8 CHW tensors (None for a bad file) and, like :func:`scan_images`,
+    each unusable path with the reason; this is the scan and the decode in one pass.
+    """
+    if not paths:
+        return [], {}
+    threads = num_threads or min(16, max(1, (os.cpu_count() or 1) * 2))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(_decode_checked, paths, chunksize=64))
+    images = [result if torch.is_tensor(result) else None for result in results]
+    bad = {str(path): result for path, result in zip(paths, results) if isinstance(result, str)}
+    return images, bad
+
+
+def estimate_decoded_bytes(paths: Sequence[str | Path], limit: int | None = None) -> int:
+    """Bytes the images take decoded to uint8 RGB (3 x width x height), from the file
+    headers alone (nothing is decoded). Stops once the sum passes ``limit``; a file PIL
+    cannot identify counts as nothing (the scan reports it)."""
+    from PIL import Image
+
+    total = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception:
+            continue
+        total += 3 * width * height
+        if limit is not None and total > limit:
+            break
+    return total
+
+
+# -- decoded-image cache -------------------------------------------------------------------
+# cache_images null (auto) caches a dataset whose decoded images fit in this many bytes per
+# training process on the machine; digits take 0.3 MB, CIFAR-10's 50,000 images 154 MB.
+CACHE_AUTO_MAX_BYTES = 256 * 10**6
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm (where torch's shared CPU tensors live on Linux), or None."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+class ImageCache:
+    """Decoded uint8 CHW images in one flat tensor in shared memory, with each image's
+    offset and shape: DataLoader workers (fork or spawn) map the same memory, none holds a
+    copy. ``image(i)`` returns a copy of image ``i`` (a transform may work in place).
+
+    ``shared=False`` keeps the tensor in ordinary memory (forked workers still read the
+    parent's pages without copying them; a spawned worker's pickling moves it to shared
+    memory then)."""
+
+    def __init__(self, images: Sequence[torch.Tensor], shared: bool = True) -> None:
+        if any(image.dim() != 3 or image.dtype != torch.uint8 for image in images):
+            raise ValueError("ImageCache holds uint8 (C, H, W) images")
+        shapes = np.array([tuple(image.shape) for image in images],
+                          dtype=np.int64).reshape(len(images), 3)
+        offsets = np.zeros(len(images) + 1, dtype=np.int64)
+        np.cumsum(shapes.prod(axis=1), out=offsets[1:])
+        data = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+        if shared:
+            data.share_memory_()
+        for image, start, end in zip(images, offsets[:-1].tolist(), offsets[1:].tolist()):
+            data[start:end] = image.reshape(-1)
+        self.data = data
+        # one numpy array, not per-image Python objects: forked workers touch no refcounts
+        self.index = np.concatenate([offsets[:-1, None], shapes], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as a new uint8 (C, H, W) tensor, equal to decoding its file."""
+        start, channels, height, width = self.index[i].tolist()
+        return self.data[start:start + channels * height * width].view(
+            channels, height, width).clone()
+
+
+def free_cpu_workers(num_processes: int = 1) -> int:
+    """Loader workers per process that leave torch's compute threads their CPUs, for
+    training on the CPU: this machine's usable CPUs per process minus
+    ``torch.get_num_threads()``, at most :func:`default_num_workers`. With cached images a
+    worker only moves the augmentation to another process; on a CPU the model's threads
+    already use, it slows the step (measured: bench/time_to_accuracy.py)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    free = cpus // max(num_processes, 1) - torch.get_num_threads()
+    return max(0, min(default_num_workers(num_processes), free))
+
+
 # -- sources -------------------------------------------------------------------------------
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
@@ -294,16 +414,24 @@ def _list_source(list_file: Path, training: bool = True) -> tuple[list[str], lis
 class ImageDataset(Dataset):
     """Images with integer labels; ``classes[label]`` is the class name.
 
-    Items are ``(transform(uint8 CHW RGB tensor), label)``.
+    Items are ``(transform(uint8 CHW RGB tensor), label)``. With ``cache`` (an
+    :class:`ImageCache` holding ``samples``' images in their order) the image comes from
+    memory instead of its file: the same tensor, so the same item under the same seed.
+    ``cache_note`` says whether the images are cached and why (for the log).
     """
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str],
-                 transform: Callable[[torch.Tensor], Any] | None = None) -> None:
+                 transform: Callable[[torch.Tensor], Any] | None = None,
+                 cache: ImageCache | None = None) -> None:
+        if cache is not None and len(cache) != len(samples):
+            raise ValueError(f"the cache holds {len(cache)} images for {len(samples)} samples")
         self.samples = samples
         self.targets = [label for _, label in samples]
         self.classes = classes
         self.class_to_idx = {name: index for index, name in enumerate(classes)}
         self.transform = transform
+        self.cache = cache
+        self.cache_note = "not cached"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -320,7 +448,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = load_image(path)
+        image = load_image(path) if self.cache is None else self.cache.image(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -332,7 +460,9 @@ class ImageDataset(Dataset):
 def build_dataset(sources: str | Path | Sequence[str | Path],
                   transform: Callable[[torch.Tensor], Any] | None = None,
                   class_names: list[str] | None = None, skip_bad_images: bool = False,
-                  check_images: bool = True, key: str = "data") -> ImageDataset:
+                  check_images: bool = True, key: str = "data",
+                  cache_images: bool | None = False,
+                  cache_limit: int = CACHE_AUTO_MAX_BYTES) -> ImageDataset:
     """An ImageDataset from ImageFolder dirs and/or PBT list files, concatenated.
 
     Classes are matched by name across sources; their order is ``class_names`` when given
@@ -340,6 +470,11 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
     which sources introduce them. ``check_images`` decodes every image first and stops on
     bad ones, naming each; ``skip_bad_images`` drops them with one warning instead (it
     implies the scan). ``key`` (e.g. ``"train_data"``) is the config key named in errors.
+
+    ``cache_images`` true keeps every image decoded in shared memory (an
+    :class:`ImageCache`); that decode is the scan, so it implies ``check_images``. None
+    (auto) caches when the file headers say the decoded images take at most
+    ``cache_limit`` bytes. The dataset's ``cache_note`` says which, and why.
     """
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -377,19 +512,48 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
                 classes.append(name)
         samples.extend((file, index[name]) for file, name in source_samples)
 
-    if check_images or skip_bad_images:
-        bad = scan_images([file for file, _ in samples])
-        if bad and not skip_bad_images:
-            raise ConfigError(_join_errors(
-                f"{key}: {len(bad)} bad image(s) (set skip_bad_images to drop them):",
-                [f"{file}: {reason}" for file, reason in bad.items()]))
-        if bad:
-            warnings.warn(f"{key}: skipped {len(bad)} bad image(s) out of {len(samples)}, "
-                          f"e.g. {next(iter(bad))}", stacklevel=2)
-            samples = [(file, label) for file, label in samples if file not in bad]
-            if not samples:
-                raise ConfigError(f"{key}: every image in {list(map(str, sources))} is bad")
-    return ImageDataset(samples, classes, transform)
+    files = [file for file, _ in samples]
+    if cache_images is None:
+        estimate = estimate_decoded_bytes(files, cache_limit)
+        cache_images = estimate <= cache_limit
+        limit = f"{cache_limit / 1e6:.0f} MB"
+        why = (f"cache_images auto: {_megabytes(estimate)} decoded, at most {limit}"
+               if cache_images else f"cache_images auto: over {limit} decoded")
+    else:
+        why = f"cache_images {str(bool(cache_images)).lower()}"
+    images: list[torch.Tensor | None] | None = None
+    bad: dict[str, str] = {}
+    if cache_images:
+        images, bad = decode_images(files)
+    elif check_images or skip_bad_images:
+        bad = scan_images(files)
+    if bad and not skip_bad_images:
+        raise ConfigError(_join_errors(
+            f"{key}: {len(bad)} bad image(s) (set skip_bad_images to drop them):",
+            [f"{file}: {reason}" for file, reason in bad.items()]))
+    if bad:
+        warnings.warn(f"{key}: skipped {len(bad)} bad image(s) out of {len(samples)}, "
+                      f"e.g. {next(iter(bad))}", stacklevel=2)
+        samples = [(file, label) for file, label in samples if file not in bad]
+        if not samples:
+            raise ConfigError(f"{key}: every image in {list(map(str, sources))} is bad")
+    if images is None:
+        dataset = ImageDataset(samples, classes, transform)
+        dataset.cache_note = f"not cached ({why})"
+        return dataset
+    kept = [image for image in images if image is not None]
+    size = sum(image.numel() for image in kept)
+    # A tmpfs /dev/shm smaller than the cache (Docker's default is 64 MB) would fail while
+    # the cache is written (SIGBUS); leave room for the loader's shared batches too.
+    shm_free = _shm_free_bytes()
+    shared = shm_free is None or shm_free >= 2 * size
+    cache = ImageCache(kept, shared=shared)
+    dataset = ImageDataset(samples, classes, transform, cache=cache)
+    where = ("in shared memory" if shared else
+             f"in process memory (/dev/shm has {_megabytes(shm_free or 0)} free)")
+    dataset.cache_note = (f"cached {len(cache)} decoded images ({_megabytes(cache.nbytes)}) "
+                          f"{where} ({why})")
+    return dataset
 
 
 # -- transforms ----------------------------------------------------------------------------

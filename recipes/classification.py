@@ -11,6 +11,7 @@ once as PNG files into an ImageFolder tree and loaded like any user's data.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -87,6 +88,8 @@ KEYS = [
         choices=("default", "val")),
     Key("resample", str, "none", "class balancing", choices=("none", "mean", "sqrt", "log")),
     Key("skip_bad_images", bool, False, "skip unreadable images with one warning"),
+    Key("cache_images", bool, None, "keep the decoded images in shared memory (null: when "
+        "they take at most 256 MB per process)", nullable=True, safe_on_resume=True),
 ]
 
 
@@ -112,14 +115,16 @@ class ClassificationTrainer(EngineTrainer):
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=True,
                                      **transform_options(cfg.train_transform))
         dataset = build_dataset(train_data, transform, skip_bad_images=cfg.skip_bad_images,
-                                key="train_data")
+                                key="train_data", **self.cache_options(cfg))
         self.class_names = list(dataset.classes)
         self.num_classes = len(self.class_names)
-        self.log(f"train data: {len(dataset)} images, {self.num_classes} classes")
+        workers, why = self.loader_workers(cfg, dataset)
+        self.log(f"train data: {len(dataset)} images, {self.num_classes} classes, "
+                 f"{dataset.cache_note}{why}")
         sampler = None
         if cfg.resample != "none":  # class balancing by the sampler; the dataset is untouched
             sampler = ResampleSampler(dataset.targets, cfg.resample, cfg.seed)
-        return self.build_dataloader(dataset, train=True, sampler=sampler)
+        return self.build_dataloader(dataset, train=True, sampler=sampler, num_workers=workers)
 
     def build_test_loader(self, cfg: Config) -> DataLoader:
         from pbt.data import build_dataset, build_transforms
@@ -127,9 +132,38 @@ class ClassificationTrainer(EngineTrainer):
         _, test_data = self.data_sources(cfg)
         transform = build_transforms(cfg.input_size, cfg.rgb_mean, cfg.rgb_std, train=False)
         dataset = build_dataset(test_data, transform, class_names=self.class_names,
-                                skip_bad_images=cfg.skip_bad_images, key="test_data")
-        self.log(f"test data: {len(dataset)} images")
-        return self.build_dataloader(dataset, train=False)
+                                skip_bad_images=cfg.skip_bad_images, key="test_data",
+                                **self.cache_options(cfg))
+        workers, why = self.loader_workers(cfg, dataset)
+        self.log(f"test data: {len(dataset)} images, {dataset.cache_note}{why}")
+        return self.build_dataloader(dataset, train=False, num_workers=workers)
+
+    def cache_options(self, cfg: Config) -> dict:
+        """``build_dataset``'s cache arguments: ``cache_images``, and for auto the limit
+        shared among this machine's training processes (each holds its own cache)."""
+        from pbt.data import CACHE_AUTO_MAX_BYTES
+
+        return {"cache_images": cfg.cache_images,
+                "cache_limit": CACHE_AUTO_MAX_BYTES // self.local_processes()}
+
+    def loader_workers(self, cfg: Config, dataset) -> tuple[int | None, str]:
+        """Loader workers for ``dataset`` (None: the engine's choice, ``num_workers`` or
+        the CPU count) and a note for the log. Cached images on the CPU with
+        ``num_workers: null`` get workers only for CPUs torch's threads leave free."""
+        from pbt.data import free_cpu_workers
+
+        if (cfg.num_workers is not None or getattr(dataset, "cache", None) is None
+                or self.accelerator.device.type != "cpu"):
+            return None, ""
+        workers = free_cpu_workers(self.local_processes())
+        threads = f"torch's {torch.get_num_threads()} thread(s)"
+        if workers == 0:
+            return 0, f"; loaded in the main process ({threads} use the CPUs)"
+        return workers, f"; {workers} loader worker(s) on the CPUs {threads} leave free"
+
+    def local_processes(self) -> int:
+        """Training processes on this machine."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes))
 
     def build_model(self, cfg: Config) -> nn.Module:
         from pbt.models import build_model
