@@ -161,12 +161,18 @@ def scan_images(paths: Sequence[str | Path], num_threads: int | None = None) -> 
 
     The result maps each unusable path to the reason it failed.
     """
+    reasons = _in_threads(check_image, paths, num_threads)
+    return {str(path): reason for path, reason in zip(paths, reasons) if reason is not None}
+
+
+def _in_threads(function: Callable[[Any], Any], paths: Sequence[str | Path],
+                num_threads: int | None) -> list:
+    """``function`` over ``paths`` in a thread pool (PIL decodes without the GIL)."""
     if not paths:
-        return {}
+        return []
     threads = num_threads or min(16, max(1, (os.cpu_count() or 1) * 2))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        reasons = list(pool.map(check_image, paths, chunksize=64))
-    return {str(path): reason for path, reason in zip(paths, reasons) if reason is not None}
+        return list(pool.map(function, paths, chunksize=64))
 
 
 def _decode_checked(path: str | Path) -> torch.Tensor | str:
@@ -189,11 +195,7 @@ def decode_images(paths: Sequence[str | Path],
     Returns the uint8 CHW tensors (None for a bad file) and, like :func:`scan_images`,
     each unusable path with the reason; this is the scan and the decode in one pass.
     """
-    if not paths:
-        return [], {}
-    threads = num_threads or min(16, max(1, (os.cpu_count() or 1) * 2))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(_decode_checked, paths, chunksize=64))
+    results = _in_threads(_decode_checked, paths, num_threads)
     images = [result if torch.is_tensor(result) else None for result in results]
     bad = {str(path): result for path, result in zip(paths, results) if isinstance(result, str)}
     return images, bad
@@ -273,20 +275,6 @@ class ImageCache:
         start, channels, height, width = self.index[i].tolist()
         return self.data[start:start + channels * height * width].view(
             channels, height, width).clone()
-
-
-def free_cpu_workers(num_processes: int = 1) -> int:
-    """Loader workers per process that leave torch's compute threads their CPUs, for
-    training on the CPU: this machine's usable CPUs per process minus
-    ``torch.get_num_threads()``, at most :func:`default_num_workers`. With cached images a
-    worker only moves the augmentation to another process; on a CPU the model's threads
-    already use, it slows the step (measured: bench/time_to_accuracy.py)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    free = cpus // max(num_processes, 1) - torch.get_num_threads()
-    return max(0, min(default_num_workers(num_processes), free))
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -761,11 +749,24 @@ def default_num_workers(num_processes: int = 1) -> int:
     """DataLoader workers per process: this machine's usable CPUs shared among the
     ``num_processes`` training processes on it, minus one each for the training loop, at
     most 8."""
+    return max(0, min(8, _usable_cpus() // max(num_processes, 1) - 1))
+
+
+def free_cpu_workers(num_processes: int = 1) -> int:
+    """Loader workers per process that leave torch's compute threads their CPUs, for
+    training on the CPU: this machine's usable CPUs per process minus
+    ``torch.get_num_threads()``, at most :func:`default_num_workers`. With cached images a
+    worker only moves the augmentation to another process; on a CPU the model's threads
+    already use, it slows the step (measured: bench/time_to_accuracy.py)."""
+    free = _usable_cpus() // max(num_processes, 1) - torch.get_num_threads()
+    return max(0, min(default_num_workers(num_processes), free))
+
+
+def _usable_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus // max(num_processes, 1) - 1))
+        return os.cpu_count() or 1
 
 
 # -- reproducible data order (every trainer) -----------------------------------------------

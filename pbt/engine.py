@@ -389,12 +389,15 @@ class EngineTrainer(Engine):
         from pbt.data import build_dataloader
 
         train = phase == "train" if train is None else train
-        local = os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes
         return build_dataloader(
             dataset, batch_size or self.cfg.batch_size,
             self.cfg.num_workers if num_workers is None else num_workers, self.cfg.seed,
             shuffle=train if shuffle is None else shuffle, sampler=sampler,
-            drop_last=drop_last, processes_here=int(local))
+            drop_last=drop_last, processes_here=self.local_processes())
+
+    def local_processes(self) -> int:
+        """Training processes on this machine (they share its CPUs)."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes))
 
     # -- task specifics (a recipe overrides these) ----------------------------------------
     def is_classifier(self) -> bool:

@@ -76,6 +76,8 @@ def lr_find(trainer: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_step
     rng_state, loader_rng = capture_rng(), _loader_generators(trainer.train_loader)
     accelerate_step, was_training = accelerator.step, model.training
     start_epoch = int(getattr(trainer.train_loader, "iteration", trainer.epoch))
+    # train_step fires callbacks (not set up for a sweep) and counts optimizer steps
+    callbacks, global_step, trainer.callbacks = trainer.callbacks, trainer.global_step, []
     try:
         lrs, losses, stop = _sweep(trainer, start_lr, end_lr, num_steps, beta, diverge,
                                    start_epoch)
@@ -92,6 +94,8 @@ def lr_find(trainer: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_step
             trainer.train_loader.set_epoch(start_epoch)
         accelerator.step = accelerate_step
         model.train(was_training)
+        trainer.callbacks, trainer.global_step = callbacks, global_step
+        trainer.outputs = trainer.losses = trainer.loss = None
 
     smoothed = smooth(losses, beta)
     suggestion, rule = suggest_lr(lrs, smoothed)
@@ -156,10 +160,8 @@ def _sweep(trainer: Any, start_lr: float, end_lr: float, num_steps: int, beta: f
     One point is one optimizer step (``grad_accum_steps`` batches, their mean loss)."""
     import torch
 
-    from pbt.engine import sum_losses
-
     accelerator, model, optimizer = trainer.accelerator, trainer.model, trainer.optimizer
-    loader, clip = trainer.train_loader, trainer.cfg.get("clip_grad_norm")
+    loader = trainer.train_loader
     average, best = 0.0, math.inf
     lrs: list[float] = []
     losses: list[float] = []
@@ -186,18 +188,8 @@ def _sweep(trainer: Any, start_lr: float, end_lr: float, num_steps: int, beta: f
             lr = _lr_at(start_lr, end_lr, num_steps, len(lrs))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with accelerator.accumulate(model):
-                outputs, step_losses = trainer.run_step(batch)
-                if trainer.distiller is not None:
-                    step_losses = trainer.distiller(batch, outputs, step_losses)
-                loss = sum_losses(step_losses)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and clip:
-                    accelerator.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro.append(loss.detach().float())
-            del outputs, step_losses, loss
+            trainer.train_step(batch)  # the engine's own step (lr_find has set no callbacks)
+            micro.append(trainer.loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
             value = torch.stack(micro).mean()

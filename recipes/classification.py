@@ -11,7 +11,6 @@ once as PNG files into an ImageFolder tree and loaded like any user's data.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -160,10 +159,6 @@ class ClassificationTrainer(EngineTrainer):
         if workers == 0:
             return 0, f"; loaded in the main process ({threads} use the CPUs)"
         return workers, f"; {workers} loader worker(s) on the CPUs {threads} leave free"
-
-    def local_processes(self) -> int:
-        """Training processes on this machine."""
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or self.accelerator.num_processes))
 
     def build_model(self, cfg: Config) -> nn.Module:
         from pbt.models import build_model
