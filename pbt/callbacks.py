@@ -8,7 +8,9 @@ and ``self.model`` (the model being trained, as Keras's ``self.model``).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -96,9 +98,12 @@ def read_metric(logs: dict, key: str) -> float | None:
 def summarize(history: list[dict], monitor: str, mode: str) -> dict:
     """The monitored metric over a run's per-epoch history (best, its epoch, last) and the
     last test metrics; for classifiers also PBT users' best / last top-1."""
+    import math
+
     tested = [entry for entry in history if read_metric(entry, monitor) is not None]
+    finite = [entry for entry in tested if math.isfinite(read_metric(entry, monitor))]
     pick = max if mode == "max" else min
-    best = pick(tested, key=lambda entry: read_metric(entry, monitor)) if tested else None
+    best = pick(finite, key=lambda entry: read_metric(entry, monitor)) if finite else None
     summary = {
         "monitor": monitor, "mode": mode,
         "best": read_metric(best, monitor) if best else None,
@@ -146,6 +151,19 @@ class _Mean:
         return None if pair[1] == 0 else float(pair[0] / pair[1])
 
 
+def padding_free_count(accelerator: Any, inputs: Any) -> int | None:
+    """Under DDP the last test batch of a process may end with repeats of the first samples
+    (Accelerate gives every process as many batches of the same size); how many samples of
+    ``inputs`` are not repeats, counted as ``gather_for_metrics`` drops them. None when the
+    batch holds no repeats on any process (then every process returns None)."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return None
+    per_process = state.active_dataloader.total_batch_size // accelerator.num_processes
+    remainder = state.remainder - accelerator.process_index * per_process
+    return max(0, min(batch_size_of(inputs), remainder))
+
+
 def batch_size_of(inputs: Any) -> int:
     """Samples in a batch: the first dimension of its first tensor."""
     import torch
@@ -166,8 +184,8 @@ class LossesRecorder(Callback):
     def __init__(self) -> None:
         self.means: dict[str, dict[str, _Mean]] = {"train": {}, "test": {}}
 
-    def _add(self, phase: str, inputs: Any, losses: Any) -> None:
-        parts = {"loss": self.trainer.loss}
+    def _add(self, phase: str, inputs: Any, losses: Any, loss: Any = None) -> None:
+        parts = {"loss": self.trainer.loss if loss is None else loss}
         if isinstance(losses, dict):
             parts.update({f"loss/{key}": value for key, value in losses.items()})
         count = batch_size_of(inputs)
@@ -186,7 +204,20 @@ class LossesRecorder(Callback):
         self._finish("train", logs)
 
     def on_test_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
-        self._add("test", inputs, losses)
+        real = padding_free_count(self.trainer.accelerator, inputs)
+        if real is None:
+            self._add("test", inputs, losses)
+            return
+        # the batch ends with repeats, and its losses are means over them: the losses of the
+        # real samples alone. Every process runs this forward (DDP syncs buffers in each).
+        from accelerate.utils import slice_tensors
+
+        from pbt.engine import sum_losses
+
+        head = slice_tensors(inputs, slice(0, real)) if real else inputs
+        head_losses = self.trainer.run_step(head)[1]
+        if real:
+            self._add("test", head, head_losses, sum_losses(head_losses))
 
     def on_test_end(self, logs: dict) -> None:
         self._finish("test", logs)
@@ -276,7 +307,11 @@ class AccuracyRecorder(Callback):
                 logs.setdefault("images", {})["test/confusion_matrix"] = self.image
 
     def _write_reports(self, run_dir: Any, predicted: Any, labels: Any) -> None:
+        import io
+
         import torch
+
+        from pbt.checkpoint import write_bytes_atomic, write_text_atomic
 
         num_classes = max(len(self.class_names or []),
                           int(max(predicted.max(), labels.max()) + 1))
@@ -287,7 +322,7 @@ class AccuracyRecorder(Callback):
         lines = ["true\\pred," + ",".join(names)]
         lines += [f"{name}," + ",".join(str(int(v)) for v in row)
                   for name, row in zip(names, matrix)]
-        (run_dir / "confusion_matrix.csv").write_text("\n".join(lines) + "\n")
+        write_text_atomic(run_dir / "confusion_matrix.csv", "\n".join(lines) + "\n")
         report = [f"{'class':>16} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
         for i, name in enumerate(names):
             tp = int(matrix[i, i])
@@ -298,12 +333,14 @@ class AccuracyRecorder(Callback):
                           f"{int(matrix[i].sum()):8d}")
         accuracy = float(matrix.diag().sum()) / max(int(matrix.sum()), 1)
         report.append(f"{'accuracy':>16} {accuracy:9.4f} {'':9} {'':9} {int(matrix.sum()):8d}")
-        (run_dir / "classification_report.txt").write_text("\n".join(report) + "\n")
+        write_text_atomic(run_dir / "classification_report.txt", "\n".join(report) + "\n")
         if num_classes <= MAX_CONFUSION_PLOT_CLASSES:
             self.image = confusion_image(matrix, names)
             from PIL import Image
 
-            Image.fromarray(self.image).save(run_dir / "confusion_matrix.png")
+            png = io.BytesIO()
+            Image.fromarray(self.image).save(png, format="PNG")
+            write_bytes_atomic(run_dir / "confusion_matrix.png", png.getvalue())
 
     def state_dict(self) -> dict:
         return {"train_total": self.train_correct.total, "train_count": self.train_correct.count}
@@ -394,7 +431,22 @@ class LogHistory(Callback):
             text = yaml.safe_dump(dict(trainer.cfg), sort_keys=False)
             self.writer.add_text("config", "```\n" + text + "\n```", 0)
 
+    @contextlib.contextmanager
+    def _naming_the_event_file(self) -> Iterator[None]:
+        """A full disk met by TensorBoard's writer thread surfaces here without a file
+        name: give it the event file's, for pbt's one message."""
+        try:
+            yield
+        except OSError as err:
+            if not err.filename and self.writer is not None:
+                err.filename = self.writer.file_writer.event_writer._file_name
+            raise
+
     def on_batch_end(self, batch: int, logs: dict) -> None:
+        with self._naming_the_event_file():
+            self._log_step()
+
+    def _log_step(self) -> None:
         trainer = self.trainer
         if self.writer is None or not trainer.accelerator.sync_gradients:
             return
@@ -409,17 +461,19 @@ class LogHistory(Callback):
     def on_epoch_end(self, epoch: int, logs: dict) -> None:
         if self.writer is None:
             return
-        for phase in ("train", "test"):
-            for name, value in _scalars(logs, phase).items():
-                self.writer.add_scalar(f"epoch/{phase}_{name}", value, epoch + 1)
-        self.writer.add_scalar("epoch/lr", self.trainer.lr, epoch + 1)
-        for tag, image in logs.pop("images", {}).items():
-            self.writer.add_image(tag, image, epoch + 1, dataformats="HWC")
-        self.writer.flush()
+        with self._naming_the_event_file():
+            for phase in ("train", "test"):
+                for name, value in _scalars(logs, phase).items():
+                    self.writer.add_scalar(f"epoch/{phase}_{name}", value, epoch + 1)
+            self.writer.add_scalar("epoch/lr", self.trainer.lr, epoch + 1)
+            for tag, image in logs.pop("images", {}).items():
+                self.writer.add_image(tag, image, epoch + 1, dataformats="HWC")
+            self.writer.flush()
 
     def on_train_end(self, logs: dict) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self._naming_the_event_file():
+                self.writer.close()
             self.writer = None
 
 
@@ -443,6 +497,10 @@ class ModelCheckpoint(Callback):
         self.write_error: BaseException | None = None
 
     def improved(self, value: float) -> bool:
+        import math
+
+        if not math.isfinite(value):  # a NaN is never a best, nor the bar for the next
+            return False
         if self.best is None:
             return True
         return value > self.best if self.mode == "max" else value < self.best
@@ -686,7 +744,18 @@ class EarlyStopping(Callback):
 
 
 class TerminateOnNaN(Callback):
-    """Stop the run when the training loss is not finite, naming epoch and step."""
+    """Stop the run when the training loss is not finite, naming epoch and step, or when a
+    test loss is (before that epoch's checkpoints are written)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        import math
+
+        for name, value in logs.get("test", {}).items():
+            if name.startswith("loss") and isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite test {name} ({value}) at epoch {epoch + 1}; nothing of this "
+                    "epoch was saved and the checkpoints already saved are intact (check the "
+                    "test data, or the model's eval mode: BatchNorm statistics, lr)")
 
     def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs) -> None:
         import math

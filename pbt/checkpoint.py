@@ -129,13 +129,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to a temporary name, then rename."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary name, then rename; a full disk names ``path`` and the
+    bytes it needed."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise save_failed(err, path, len(text)) from None
+        raise save_failed(err, path, len(data)) from None
 
 
 def link_atomic(source: str | Path, target: str | Path) -> None:
@@ -210,7 +217,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False,
     path = Path(path)
     if loaded is None:
         if not path.is_file():
-            raise ConfigError(f"key {key!r}: weight file {str(path)!r} does not exist")
+            raise ConfigError(f"key {key!r}: weight file {str(path)!r} "
+                              + ("is a directory; a file is expected" if path.is_dir()
+                                 else "does not exist"))
         loaded = safe_load(path, key=key)
     state = state_dict_of(loaded, path, key)
     own = model.state_dict()
@@ -366,18 +375,24 @@ def safe_load(path: Path, key: str = "", numpy_arrays: bool = False) -> Any:
     ``numpy_arrays`` also allows the numpy types of Accelerate's RNG files; ``key`` names
     the config key in the error.
     """
+    import warnings
+
     path = Path(path)
     try:
-        if numpy_arrays:
-            from accelerate.utils import load as accelerate_load
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of a file it may then refuse; pbt's
+            # own message (below) says what is wrong with the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if numpy_arrays:
+                from accelerate.utils import load as accelerate_load
 
-            return accelerate_load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+                return accelerate_load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         import re
 
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-        text = " ".join(text.split())
+        text = " ".join(text.split()).split(" Check the documentation of torch.load")[0]
         # torch's message is a page of advice; the unpickler's one sentence names the type
         marker = "WeightsUnpickler error: "
         if marker in text:
@@ -538,8 +553,11 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
                callbacks: list, keep: int) -> Path:
     """Write a complete state atomically and keep the newest ``keep`` (all processes call).
 
-    The completion mark records each file's size and SHA-256, which resume verifies. A
-    full disk removes the temporary folder and raises :class:`DiskFull`.
+    The completion mark records each file's size and SHA-256, which resume verifies; it is
+    written only after every callback's background write (``join()``) has reached the disk,
+    so a state never names a ``best.pth`` that is not there yet. Older states are removed
+    only after the new one is in place. A full disk removes the temporary folder and
+    raises :class:`DiskFull`.
     """
     rank_state = {"callbacks": callback_states(callbacks)}
     folder = checkpoints_dir(run_dir)
@@ -559,6 +577,11 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
             torch.save(pbt_state, tmp / STATE_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # the state names best.pth / last.pth (ModelCheckpoint's best epoch): it is
+            # marked complete only once the files being written in the background are on disk
+            for callback in callbacks:
+                if hasattr(callback, "join"):
+                    callback.join()
             _write_mark(tmp, global_step)
     except BaseException as err:
         # a state takes about as much as the last one (or, the first, more than written)
@@ -566,8 +589,8 @@ def save_state(accelerator: Any, run_dir: Path, global_step: int, pbt_state: dic
         largest = max((p.stat().st_size for p in tmp.rglob("*") if p.is_file()), default=0)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(err, Exception):
-            raise
+        if not isinstance(err, Exception) or isinstance(err, TrainingError):
+            raise  # a weights file's own error already names its file
         raise save_failed(err, tmp, needed, largest) from None
     if accelerator.is_main_process:
         if final.exists():  # a state of this step is there already: the new one replaces it
@@ -644,7 +667,9 @@ def read_initial_state(trainer: Any) -> dict | None:
         return None
     key = "finetune" if isinstance(cfg.finetune, str) else "model_file"
     if not Path(path).is_file():
-        raise ConfigError(f"key {key!r}: weight file {str(path)!r} does not exist")
+        raise ConfigError(f"key {key!r}: weight file {str(path)!r} "
+                          + ("is a directory; a file is expected" if Path(path).is_dir()
+                             else "does not exist"))
     loaded = safe_load(Path(path), key=key)
     names = loaded.get("class_names") if isinstance(loaded, dict) else None
     match_saved_classes(trainer, names, f"key {key!r}: {str(path)!r}", bool(cfg.finetune))

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,43 @@ _EXPECTED = {
 
 class ConfigError(ValueError):
     """Bad user input: the message says what was wrong and where."""
+
+
+# A config file is a page of keys; a bigger one is a mistake (a data file given as -c, a
+# generated list): refused by its size before it is parsed (32 MB took minutes and GBs).
+MAX_CONFIG_BYTES = 1 << 20
+_VALUE_REPR = 80  # characters of a value an error message quotes
+_PATH_REPR = 300  # a path is quoted longer: its end names the file
+
+
+def short_repr(value: Any, limit: int = _VALUE_REPR) -> str:
+    """``repr(value)`` cut to about ``limit`` characters with "...", built without
+    spelling out a long value first (an 8-million-element list, YAML aliases nested)."""
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlong, shortener.maxlevel = 40, 3
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 8
+    try:
+        text = shortener.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str limit
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) \
+            else f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _path_problem(item: str, want_file: bool = False) -> str | None:
+    """Why ``item`` is not a usable path (an existing one; with ``want_file`` a file)."""
+    try:
+        path = Path(item)
+        if want_file and path.is_dir():
+            return "is a directory; a file is expected"
+        if want_file and not path.is_file():
+            return "does not exist" if not path.exists() else "is not a regular file"
+        return None if path.exists() else "does not exist"
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte
+        return f"cannot be used ({getattr(err, 'strerror', None) or err})"
 
 
 @dataclass(frozen=True)
@@ -68,7 +106,7 @@ class Key:
             return None  # PBT writes an unset file as model_file: ""
 
         def wrong(extra: str = "") -> ConfigError:
-            return ConfigError(f"{where}: key {self.name!r} has value {value!r}; "
+            return ConfigError(f"{where}: key {self.name!r} has value {short_repr(value)}; "
                                f"expected {extra or expected}")
 
         converted = _convert(kind, value, wrong)
@@ -84,8 +122,10 @@ class Key:
             raise wrong(problem)
         if self.path and isinstance(converted, (str, list)):
             for item in converted if isinstance(converted, list) else [converted]:
-                if isinstance(item, str) and not Path(item).exists():
-                    raise ConfigError(f"{where}: key {self.name!r}: path {item!r} does not exist")
+                problem = _path_problem(item) if isinstance(item, str) else None
+                if problem:
+                    raise ConfigError(f"{where}: key {self.name!r}: path "
+                                      f"{short_repr(item, _PATH_REPR)} {problem}")
         return converted
 
 
@@ -155,6 +195,12 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"a number >= {low}"
 
 
+def _in_range(low: int, high: int) -> Callable[[Any], str | None]:
+    """An int key's bounds: past them a value is a typo, and too big for the C code that
+    takes it (``islice``, ``np.random.seed``), which would fail deep inside a run."""
+    return lambda v: None if low <= v <= high else f"an integer from {low} to {high}"
+
+
 def _plain_name(v: str) -> str | None:
     if not v or "/" in v or "\\" in v or v in (".", "..") or v.startswith("~"):
         return "a plain directory name inside work_dir (no '/', not '.' or '..')"
@@ -174,15 +220,16 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("overwrite", bool, False, "replace an existing run dir of the same name (off: a "
         "fresh run there is refused)", safe_on_resume=True),
     Key("flag", str, "", "PBT: a suffix for the generated run name", safe_on_resume=True),
-    Key("seed", int, 0, "seed of data order, augmentation and initialisation"),
+    Key("seed", int, 0, "seed of data order, augmentation and initialisation",
+        check=_in_range(0, 2**32 - 1)),
     Key("gpu_id", "int_list", [0], "GPUs to train on; several mean DDP", safe_on_resume=True),
     Key("distributed", bool, False, "PBT's switch; several GPUs always mean DDP in pbt",
         safe_on_resume=True),
-    Key("num_processes", int, 0, "CPU worker processes to start (0: one)", check=_at_least(0),
-        safe_on_resume=True),
+    Key("num_processes", int, 0, "CPU worker processes to start (0: one)",
+        check=_in_range(0, 256), safe_on_resume=True),
     Key("main_process_port", int, 29500, "port of the workers' rendezvous (0: any free)",
-        safe_on_resume=True),
-    Key("log_freq", int, 20, "log every N optimizer steps", check=_at_least(1),
+        check=_in_range(0, 65535), safe_on_resume=True),
+    Key("log_freq", int, 20, "log every N optimizer steps", check=_in_range(1, 10**9),
         safe_on_resume=True),
     Key("progress", bool, True, "tqdm progress bar", safe_on_resume=True),
     Key("eval_only", bool, False, "only run the test loop once (with model_file)",
@@ -192,18 +239,18 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("monitor_mode", str, None, "max or min (default: min for losses, max otherwise)",
         choices=("max", "min")),
     Key("early_stop_patience", int, 0, "epochs without improvement before stopping (0: off)",
-        check=_at_least(0), safe_on_resume=True),
+        check=_in_range(0, 10**6), safe_on_resume=True),
     Key("early_stop_min_delta", float, 0.0, "smallest change that counts as improvement",
         safe_on_resume=True),
     Key("resume", str, None, "a run dir, a state dir, or auto", safe_on_resume=True),
     Key("save_steps", int, 0, "also save a resumable state every N optimizer steps",
-        check=_at_least(0), safe_on_resume=True),
-    Key("keep_checkpoints", int, 2, "resumable states kept", check=_at_least(1),
+        check=_in_range(0, 10**9), safe_on_resume=True),
+    Key("keep_checkpoints", int, 2, "resumable states kept", check=_in_range(1, 10**6),
         safe_on_resume=True),
     # data order
-    Key("batch_size", int, 32, "batch size per process", check=_at_least(1)),
+    Key("batch_size", int, 32, "batch size per process", check=_in_range(1, 10**6)),
     Key("num_workers", int, None, "DataLoader workers (null: from the CPU count)",
-        check=_at_least(0), safe_on_resume=True),
+        check=_in_range(0, 512), safe_on_resume=True),
     # weights
     Key("model_file", str, None, "weights to start from (pbt or PBT-style .pth)", path=True),
     Key("finetune", "bool_or_str", False, "load model_file by name and shape, skipping misfits "
@@ -221,9 +268,10 @@ CORE_KEYS: tuple[Key, ...] = (
         choices=("CrossEntropyLoss", "CELoss", "LabelSmoothing", "FocalLoss")),
     Key("smoothing", float, 0.1, "LabelSmoothing amount"),
     Key("focal_gamma", float, 2.0, "FocalLoss gamma"),
-    Key("num_epochs", int, 10, "epochs to train", check=_at_least(1), safe_on_resume=True),
+    Key("num_epochs", int, 10, "epochs to train", check=_in_range(1, 10**6),
+        safe_on_resume=True),
     Key("grad_accum_steps", int, None, "micro-batches per optimizer step (null: Accelerate's "
-        "setting, else 1)", check=_at_least(1)),
+        "setting, else 1)", check=_in_range(1, 65536)),
     Key("clip_grad_norm", float, None, "clip the gradient norm to this"),
     Key("mixed_precision", str, None, "no, fp16 or bf16 (null: Accelerate's setting, else no)",
         choices=("no", "fp16", "bf16")),
@@ -240,12 +288,12 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("prune_method", str, "l1", "l1, l2, fpgm or slim", choices=("l1", "l2", "fpgm", "slim")),
     Key("prune_ratio", float, 0.5, "share of channels removed", check=_between_open),
     Key("prune_global", bool, False, "rank channels across the whole network"),
-    Key("prune_steps", int, 1, "iterative pruning steps", check=_at_least(1)),
+    Key("prune_steps", int, 1, "iterative pruning steps", check=_in_range(1, 1000)),
     Key("prune_ignore", "str_list", [], "module names never pruned"),
     Key("prune_backend", str, "torch-pruning", "torch-pruning or nni",
         choices=("torch-pruning", "nni")),
     Key("round_to", int, 8, "keep channel counts multiples of this (0: off)",
-        check=_at_least(0)),
+        check=_in_range(0, 4096)),
     Key("slim_reg", float, 0.0, "L1 penalty on BatchNorm scales (slim sparsity training)"),
     # knowledge distillation
     Key("distill_from", str, None, "teacher weights (.pth) to distill from (null: off)",
@@ -263,7 +311,8 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("cutmix_alpha", float, 0.0, "CutMix Beta(alpha, alpha) (0: off)", check=_at_least(0)),
     Key("mix_prob", float, 1.0, "share of batches mixed (mixup or CutMix, one of them)",
         check=lambda v: None if 0.0 <= v <= 1.0 else "a number between 0 and 1"),
-    Key("mix_off_epochs", int, 0, "no mixing in the last N epochs", check=_at_least(0)),
+    Key("mix_off_epochs", int, 0, "no mixing in the last N epochs",
+        check=_in_range(0, 10**6)),
     Key("channels_last", bool, False, "model in channels-last memory format (activations follow)"),
     Key("compile", bool, False, "torch.compile the model (after pruning, before DDP)"),
     Key("compile_mode", str, "default", "torch.compile mode",
@@ -358,28 +407,82 @@ def merge_keys(extra: Iterable[Key] = ()) -> dict[str, Key]:
     return keys
 
 
+class _DuplicateKey(Exception):
+    """A mapping names a key twice (raised by the loader, worded by :func:`read_yaml`)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+@lru_cache(maxsize=1)
+def _strict_loader() -> type:
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain
+    ``safe_load`` keeps the last one without a word: ``lr`` twice, the first is lost)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # "<<: *base": its keys may be overridden here
+                    key = self.construct_object(key_node, deep=deep)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, seen[key], line)
+                        seen[key] = line
+                    except TypeError:
+                        continue  # unhashable: the base class words that error
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict:
-    """Read a config YAML with ``safe_load``; with ``keys``, an unknown key is an error."""
+    """Read a config YAML (``safe_load`` types; a key given twice is an error) of at most
+    :data:`MAX_CONFIG_BYTES`; with ``keys``, an unknown key is an error."""
     import yaml
 
     path = Path(path)
+    name = short_repr(str(path), _PATH_REPR)
+    if path.is_dir():
+        raise ConfigError(f"config file {name} is a directory; -c expects a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {name} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        with open(path, "rb") as handle:  # bounded read: the size may change after stat
+            raw = handle.read(MAX_CONFIG_BYTES + 1) \
+                if path.stat().st_size <= MAX_CONFIG_BYTES else None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {name}: {err.strerror or err}") from None
+    if raw is None or len(raw) > MAX_CONFIG_BYTES:
+        size = path.stat().st_size
+        raise ConfigError(f"config file {name} is {size / 1e6:.1f} MB ({size} bytes); a "
+                          f"config file may be at most {MAX_CONFIG_BYTES} bytes (1 MiB). Is "
+                          "it a config? Long lists belong in data files")
+    try:  # bytes: PyYAML reads UTF-8/16 and drops a byte-order mark
+        data = yaml.load(raw, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as dup:
+        raise ConfigError(f"config file {name}: key {short_repr(dup.key)} is given twice, on "
+                          f"lines {dup.first} and {dup.second}; keep one") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an int of > 4300 digits
+        text = str(err)
+        text = text if len(text) <= 2000 else text[:2000] + " ..."
+        raise ConfigError(f"config file {name} is not valid YAML: {text}") from None
     if data is None:
-        raise ConfigError(f"config file {str(path)!r} is empty; it must hold a mapping of "
+        raise ConfigError(f"config file {name} is empty; it must hold a mapping of "
                           "keys to values")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {name} must hold a mapping of keys to values")
     if keys is not None:
         known = set(keys) | set(IGNORED_PBT_KEYS)
         for key in data:
             if key not in known:
-                raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; "
-                                  + nearest_key(str(key), known))
+                raise ConfigError(f"config file {name}: unknown key {short_repr(key)}; "
+                                  + nearest_key(str(key)[:200], known))
     return data
 
 
@@ -426,8 +529,8 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
     for token in argv:  # "epochs=3" would otherwise be read as a value of the flag before it
         name = token.split("=", 1)[0]
         if token not in pairs and "=" in token and re.fullmatch(r"[A-Za-z_][\w-]*", name):
-            raise ConfigError(f"command line: unknown key {name!r} in {token!r}; "
-                              + nearest_key(name, schema))
+            raise ConfigError(f"command line: unknown key {short_repr(name)} in "
+                              f"{short_repr(token)}; " + nearest_key(name[:200], schema))
     argv = [t for t in argv if t not in pairs]
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("-c", "--config_file")
@@ -438,9 +541,9 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
     for token in unknown:
         if token.startswith("-"):
             name = token.lstrip("-").split("=")[0]
-            raise ConfigError(f"command line: unknown flag {token!r}; "
+            raise ConfigError(f"command line: unknown flag {short_repr(token)}; "
                               + nearest_key(name, schema).replace("'", "'--", 1))
-        raise ConfigError(f"command line: unexpected argument {token!r}")
+        raise ConfigError(f"command line: unexpected argument {short_repr(token)}")
     typed = vars(args)
     typed.update(dict(pair.split("=", 1) for pair in pairs))
     typed.pop("config_file", None)
@@ -453,21 +556,26 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
             if name in IGNORED_PBT_KEYS:
                 ignored[name] = value
             elif name not in schema:
-                raise ConfigError(f"{where}: unknown key {name!r}; " + nearest_key(name, schema))
+                raise ConfigError(f"{where}: unknown key {short_repr(name)}; "
+                                  + nearest_key(str(name)[:200], schema))
             else:
                 cfg[name] = schema[name].coerce(value, where)
     if config_file:
         cfg["config_file"] = str(config_file)
     for name, value in ignored.items():
-        cfg.notes.append(f"PBT key {name}: {value!r} is ignored: {IGNORED_PBT_KEYS[name]}")
+        cfg.notes.append(f"PBT key {name}: {short_repr(value)} is ignored: "
+                         f"{IGNORED_PBT_KEYS[name]}")
     _check_across_keys(cfg)
     return cfg
 
 
 def _check_across_keys(cfg: Config) -> None:
     """Checks that involve more than one key (single values are checked by their Key)."""
-    if isinstance(cfg.finetune, str) and not Path(cfg.finetune).is_file():
-        raise ConfigError(f"key 'finetune': file {cfg.finetune!r} does not exist")
+    problem = _path_problem(cfg.finetune, want_file=True) if isinstance(cfg.finetune, str) \
+        else None
+    if problem:
+        raise ConfigError(f"key 'finetune': file {short_repr(cfg.finetune, _PATH_REPR)} "
+                          f"{problem}")
     if cfg.num_warn_up > cfg.num_epochs:
         cfg.notes.append(f"num_warn_up {cfg.num_warn_up:g} is longer than num_epochs "
                          f"{cfg.num_epochs}: warm-up clamped to {cfg.num_epochs} epochs")
@@ -500,7 +608,7 @@ def changed_on_resume(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     refused, applied = [], []
     for name, key in cfg.keys_.items():
         if name in saved and name in cfg and saved[name] != cfg[name]:
-            line = f"{name} {saved[name]!r} → {cfg[name]!r}"
+            line = f"{name} {short_repr(saved[name])} → {short_repr(cfg[name])}"
             (applied if key.safe_on_resume else refused).append(line)
     return refused, applied
 

@@ -114,12 +114,65 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
     return _decode_pil(data)
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read and decode one image file; a bad file is a ConfigError naming it and why."""
+# PIL warns (DecompressionBombWarning) about an image of more than Image.MAX_IMAGE_PIXELS
+# pixels and refuses one of more than twice that. Its warning names no file and repeats in
+# every loader worker, so where pbt decodes it mutes that warning for the process and names
+# such images itself (a per-call catch_warnings would reset every module's "warn once"
+# registry at each image, and is not thread-safe).
+def _mute_pil_bomb_warning() -> None:
+    """Ignore PIL's DecompressionBombWarning in this process (called in the main thread,
+    before a thread pool starts; again after a test or a user reset the filters)."""
+    from PIL import Image
+
+    entry = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+    if entry not in warnings.filters:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+_NAMED_OVERSIZED: set[str] = set()  # load_image names each such file once per process
+
+
+def _pixel_problem(width: int, height: int) -> tuple[str | None, bool]:
+    """(why an image this size is refused, as PIL refuses it, or None; whether it is over
+    PIL's decompression-bomb limit), the same whichever decoder read it."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit:
+        return None, False
+    pixels = width * height
+    if pixels > 2 * limit:
+        return (f"DecompressionBombError: Image size ({pixels} pixels) exceeds limit of "
+                f"{2 * limit} pixels, could be decompression bomb DOS attack."), True
+    return None, pixels > limit
+
+
+def _oversized_note(what: str, width: int, height: int) -> str:
+    from PIL import Image
+
+    return (f"{what} ({width} x {height} = {width * height:,} pixels) over PIL's "
+            f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS): decoded anyway; raise the limit if they are "
+            "genuine, else remove them")
+
+
+def load_image(path: str | Path, report_oversized: bool = True) -> torch.Tensor:
+    """Read and decode one image file; a bad file is a ConfigError naming it and why. An
+    image over PIL's decompression-bomb limit is decoded with a warning naming it (none
+    with ``report_oversized`` false: the dataset's scan named it already)."""
+    _mute_pil_bomb_warning()
     try:
-        return decode_image_bytes(Path(path).read_bytes())
+        image = decode_image_bytes(Path(path).read_bytes())
     except Exception as err:
         raise ConfigError(f"cannot load image {str(path)!r}: {_reason(err)}") from None
+    problem, oversized = _pixel_problem(image.shape[-1], image.shape[-2])
+    if problem:
+        raise ConfigError(f"cannot load image {str(path)!r}: {problem}")
+    if oversized and report_oversized and str(path) not in _NAMED_OVERSIZED:
+        _NAMED_OVERSIZED.add(str(path))
+        warnings.warn(_oversized_note(f"image {str(path)!r}", image.shape[-1],
+                                      image.shape[-2]), stacklevel=2)
+    return image
 
 
 def _reason(err: BaseException) -> str:
@@ -134,35 +187,50 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def check_image(path: str | Path) -> str | None:
-    """Return why ``path`` is not a usable image, or None when it decodes.
+Size = tuple[int, int]  # (width, height) of an image over PIL's decompression-bomb limit
 
-    Reads the header, then decodes every byte of the compressed stream (truncation shows
-    up only there); JPEGs decode at 1/8 scale, which reads the same stream much faster.
-    """
+
+def _check(path: str | Path) -> tuple[str | None, Size | None]:
+    """:func:`check_image`'s answer, and the size of an image over PIL's limit."""
     from PIL import Image
 
     try:
         with open(path, "rb") as handle:
             data = handle.read()
         if not data:
-            return "empty file"
+            return "empty file", None
         with Image.open(io.BytesIO(data)) as image:
+            size = image.size
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-        return None
+        return None, size if _pixel_problem(*size)[1] else None
     except Exception as err:
-        return _reason(err)
+        return _reason(err), None
 
 
-def scan_images(paths: Sequence[str | Path], num_threads: int | None = None) -> dict[str, str]:
+def check_image(path: str | Path) -> str | None:
+    """Return why ``path`` is not a usable image, or None when it decodes.
+
+    Reads the header, then decodes every byte of the compressed stream (truncation shows
+    up only there); JPEGs decode at 1/8 scale, which reads the same stream much faster.
+    """
+    _mute_pil_bomb_warning()
+    return _check(path)[0]
+
+
+def scan_images(paths: Sequence[str | Path], num_threads: int | None = None,
+                oversized: dict[str, Size] | None = None) -> dict[str, str]:
     """Check many images in a thread pool (PIL decodes without the GIL); return bad ones.
 
-    The result maps each unusable path to the reason it failed.
+    The result maps each unusable path to the reason it failed; ``oversized`` (when
+    given) receives the (width, height) of each image over PIL's decompression-bomb limit.
     """
-    reasons = _in_threads(check_image, paths, num_threads)
-    return {str(path): reason for path, reason in zip(paths, reasons) if reason is not None}
+    _mute_pil_bomb_warning()
+    results = _in_threads(_check, paths, num_threads)
+    if oversized is not None:
+        oversized.update({str(path): size for path, (_, size) in zip(paths, results) if size})
+    return {str(path): reason for path, (reason, _) in zip(paths, results) if reason}
 
 
 def _in_threads(function: Callable[[Any], Any], paths: Sequence[str | Path],
@@ -175,29 +243,40 @@ def _in_threads(function: Callable[[Any], Any], paths: Sequence[str | Path],
         return list(pool.map(function, paths, chunksize=64))
 
 
-def _decode_checked(path: str | Path) -> torch.Tensor | str:
+def _decode_checked(path: str | Path) -> tuple[torch.Tensor | str, Size | None]:
     """The decoded image ``load_image`` would return, or why the file is not usable (as
-    :func:`check_image` words it: PIL, the fallback decoder, reports truncation)."""
+    :func:`check_image` words it: PIL, the fallback decoder, reports truncation); and the
+    size of an image over PIL's decompression-bomb limit."""
     try:
         data = Path(path).read_bytes()
         if not data:
-            return "empty file"
-        return decode_image_bytes(data)
+            return "empty file", None
+        image = decode_image_bytes(data)
     except Exception as err:
-        return _reason(err)
+        return _reason(err), None
+    width, height = image.shape[-1], image.shape[-2]
+    problem, oversized = _pixel_problem(width, height)
+    if problem:
+        return problem, None
+    return image, (width, height) if oversized else None
 
 
-def decode_images(paths: Sequence[str | Path],
-                  num_threads: int | None = None) -> tuple[list[torch.Tensor | None],
-                                                           dict[str, str]]:
+def decode_images(paths: Sequence[str | Path], num_threads: int | None = None,
+                  oversized: dict[str, Size] | None = None,
+                  ) -> tuple[list[torch.Tensor | None], dict[str, str]]:
     """Decode many images in a thread pool, as :func:`load_image` does each one.
 
     Returns the uint8 CHW tensors (None for a bad file) and, like :func:`scan_images`,
-    each unusable path with the reason; this is the scan and the decode in one pass.
+    each unusable path with the reason (and fills ``oversized`` as it does); this is the
+    scan and the decode in one pass.
     """
+    _mute_pil_bomb_warning()
     results = _in_threads(_decode_checked, paths, num_threads)
-    images = [result if torch.is_tensor(result) else None for result in results]
-    bad = {str(path): result for path, result in zip(paths, results) if isinstance(result, str)}
+    images = [result if torch.is_tensor(result) else None for result, _ in results]
+    bad = {str(path): result for path, (result, _) in zip(paths, results)
+           if isinstance(result, str)}
+    if oversized is not None:
+        oversized.update({str(path): size for path, (_, size) in zip(paths, results) if size})
     return images, bad
 
 
@@ -208,6 +287,7 @@ def estimate_decoded_bytes(paths: Sequence[str | Path], limit: int | None = None
     from PIL import Image
 
     total = 0
+    _mute_pil_bomb_warning()  # the scan names such images
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -282,34 +362,87 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _folder_key(path: str) -> tuple[int, int]:
+    info = os.stat(path)  # follows a symlink: the folder it leads to
+    return info.st_dev, info.st_ino
+
+
+def _walk_images(top: str, read: set[tuple[int, int]],
+                 not_followed: list[tuple[str, str]]) -> list[str]:
+    """Image files under ``top``, as ``os.walk(followlinks=True)`` lists them (top-down,
+    sorted, hidden names skipped), but every folder once: a sub-folder already read
+    (``read``, by device and inode) is a symlink loop or a second link to it, and is
+    recorded in ``not_followed`` as (link, where it leads) instead of read again."""
+    found: list[str] = []
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as err:
+            raise ConfigError(f"cannot read folder {folder!r}: {_reason(err)}") from None
+        subfolders = []
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            if entry.is_dir():  # follows symlinks, as os.walk(followlinks=True) did
+                key = _folder_key(entry.path)
+                if key in read:
+                    not_followed.append((entry.path, os.path.realpath(entry.path)))
+                    continue
+                read.add(key)
+                subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                found.append(entry.path)  # a broken link too: the scan names it
+        pending.extend(reversed(subfolders))
+    return found
+
+
 def _folder_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Classes and (path, class name) samples of an ImageFolder tree."""
+    """Classes and (path, class name) samples of an ImageFolder tree. Symlinks are
+    followed, but into no folder twice (one warning names what was not followed)."""
     class_dirs = sorted((entry for entry in os.scandir(root)
                          if entry.is_dir() and not _is_hidden(entry.name)),
                         key=lambda entry: entry.name)
     if not class_dirs:
         raise ConfigError(
             f"data source {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
+    # the root and every class folder count as read: a link back to one is a loop or
+    # would give another class's images this class's label
+    read = {_folder_key(str(root))}
+    first_class: dict[tuple[int, int], str] = {}
+    for entry in class_dirs:
+        key = _folder_key(entry.path)
+        if first_class.setdefault(key, entry.name) != entry.name:
+            raise ConfigError(f"data source {str(root)!r}: class folders "
+                              f"{first_class[key]!r} and {entry.name!r} are the same folder "
+                              "(a symlink): its images would carry two labels")
+        read.add(key)
+    not_followed: list[tuple[str, str]] = []
     classes, samples = [], []
     for entry in class_dirs:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            dirnames[:] = sorted(name for name in dirnames if not _is_hidden(name))
-            found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                         if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS))
+        found = _walk_images(entry.path, read, not_followed)
         if not found:
             raise ConfigError(
                 f"class folder {entry.path!r} holds no images "
                 f"(extensions: {', '.join(IMG_EXTENSIONS)})")
         classes.append(entry.name)
         samples.extend((path, entry.name) for path in found)
+    if not_followed:
+        link, target = not_followed[0]
+        warnings.warn(f"data source {str(root)!r}: {len(not_followed)} symlinked folder(s) not "
+                      f"followed, as they lead to a folder read already (a loop, a second "
+                      f"link, or another class's folder), e.g. {link!r} -> {target!r}",
+                      stacklevel=3)
     return classes, samples
 
 
 def _read_class_names(path: Path) -> list[str]:
     names: list[str] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: Windows editors start a file with a byte-order mark, which is no class name
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         name = raw.strip()
         if not name or name.startswith("#"):
             continue
@@ -321,6 +454,25 @@ def _read_class_names(path: Path) -> list[str]:
     if not names:
         raise ConfigError(f"{path}: class name file lists no classes")
     return names
+
+
+def _warn_duplicates(list_file: Path, entries: list[tuple[int, str, str | int]]) -> None:
+    """One warning when lines repeat an image: kept (a repeated line draws that image more
+    often, a way to oversample), but a copy-paste slip is worth knowing about."""
+    first_line: dict[str, int] = {}
+    repeats = []
+    for number, path, _ in entries:
+        key = os.path.normpath(path)
+        if key in first_line:
+            repeats.append((number, path, first_line[key]))
+        else:
+            first_line[key] = number
+    if repeats:
+        number, path, first = repeats[0]
+        warnings.warn(f"list file {str(list_file)!r}: {len(repeats)} line(s) repeat an image "
+                      f"listed before, the first {path!r} on line {number} (first on line "
+                      f"{first}); repeats are kept, so those images are drawn more often",
+                      stacklevel=4)
 
 
 def _list_source(list_file: Path, training: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
@@ -337,7 +489,7 @@ def _list_source(list_file: Path, training: bool = True) -> tuple[list[str], lis
     entries: list[tuple[int, str, str | int]] = []  # line, path, class name or index
     errors: list[str] = []
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")  # a BOM is not part of the path
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read list file {str(list_file)!r}: {_reason(err)}") from None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -395,6 +547,7 @@ def _list_source(list_file: Path, training: bool = True) -> tuple[list[str], lis
         samples.append((path, label))
     if errors:
         raise ConfigError(_join_errors(f"list file {str(list_file)!r} has bad lines:", errors))
+    _warn_duplicates(list_file, entries)
     return classes, samples
 
 
@@ -420,6 +573,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.cache_note = "not cached"
+        self.report_oversized = True  # false once build_dataset's scan has named them
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -436,7 +590,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = load_image(path) if self.cache is None else self.cache.image(index)
+        image = (load_image(path, self.report_oversized) if self.cache is None
+                 else self.cache.image(index))
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -511,10 +666,16 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
         why = f"cache_images {str(bool(cache_images)).lower()}"
     images: list[torch.Tensor | None] | None = None
     bad: dict[str, str] = {}
+    oversized: dict[str, tuple[int, int]] = {}
+    scanned = bool(cache_images or check_images or skip_bad_images)
     if cache_images:
-        images, bad = decode_images(files)
-    elif check_images or skip_bad_images:
-        bad = scan_images(files)
+        images, bad = decode_images(files, oversized=oversized)
+    elif scanned:
+        bad = scan_images(files, oversized=oversized)
+    if oversized:
+        first, (width, height) = next(iter(oversized.items()))
+        warnings.warn(_oversized_note(f"{key}: {len(oversized)} image(s), e.g. {first!r}",
+                                      width, height), stacklevel=2)
     if bad and not skip_bad_images:
         raise ConfigError(_join_errors(
             f"{key}: {len(bad)} bad image(s) (set skip_bad_images to drop them):",
@@ -528,6 +689,7 @@ def build_dataset(sources: str | Path | Sequence[str | Path],
     if images is None:
         dataset = ImageDataset(samples, classes, transform)
         dataset.cache_note = f"not cached ({why})"
+        dataset.report_oversized = not scanned
         return dataset
     kept = [image for image in images if image is not None]
     size = sum(image.numel() for image in kept)

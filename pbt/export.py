@@ -14,6 +14,7 @@ test set; ``deploy_report.json`` holds it all. Needs the optional extra:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -74,7 +75,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise ConfigError(f"checkpoint: {str(path)!r} holds a {type(ckpt).__name__}, not a dict")
     for key in REQUIRED_KEYS:
         if key not in ckpt:
-            raise ConfigError(f"checkpoint: {str(path)!r} has no {key!r} entry")
+            raise ConfigError(f"checkpoint: {str(path)!r} is not a pbt checkpoint: it has no "
+                              f"{key!r} entry (pbt's hold {', '.join(REQUIRED_KEYS)})")
     num_classes = ckpt["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(
@@ -82,7 +84,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         )
     if not isinstance(ckpt["model"], dict):
         raise ConfigError(f"checkpoint: {str(path)!r} 'model' entry is not a state_dict")
-    model = build_model(ckpt["net_type"], num_classes, width_mult=ckpt.get("width_mult", 1.0))
+    try:
+        model = build_model(ckpt["net_type"], num_classes,
+                            width_mult=ckpt.get("width_mult", 1.0))
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint: {str(path)!r}: {err}") from None
     if ckpt.get("prune_history"):
         apply_prune_history(model, example_input(ckpt), ckpt["prune_history"])
     state = strip_module_prefix(ckpt["model"])
@@ -113,11 +119,15 @@ def example_input(
 
 
 def to_onnx(
-    model: nn.Module, example_inputs: torch.Tensor, onnx_path: str | Path, opset: int = OPSET
+    model: nn.Module, example_inputs: torch.Tensor, onnx_path: str | Path, opset: int = OPSET,
+    *, check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Export ``model`` (CPU, eval) to ``onnx_path`` with a dynamic batch dimension."""
-    import onnx
+    """Export ``model`` (CPU, eval) to ``onnx_path`` with a dynamic batch dimension.
 
+    The file passes ``onnx.checker`` (full check). ``check(path)`` (say, a parity test)
+    runs on the written file before it takes the name ``onnx_path``: when it raises, the
+    previous file at ``onnx_path`` stays as it was.
+    """
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     training = model.training
@@ -137,10 +147,63 @@ def to_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
-            onnx.checker.check_model(str(partial))
+            check_onnx(partial, onnx_path)
+            if check is not None:
+                check(partial)
     finally:
         model.train(training)
     return onnx_path
+
+
+def check_onnx(path: str | Path, name: str | Path | None = None) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on the file ``path``; a RuntimeError
+    naming ``name`` (the file's final name, default ``path``) when it fails."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"{str(name or path)!r} fails onnx.checker: {first}") from None
+
+
+def sort_topologically(graph: Any) -> None:
+    """Reorder ``graph.node`` (an onnx GraphProto, in place) so that every node comes after
+    the nodes that make its inputs, keeping the given order where it already is one."""
+    made = {name for name in [*(v.name for v in graph.input),
+                              *(t.name for t in graph.initializer),
+                              *(t.values.name for t in graph.sparse_initializer)]}
+    made.add("")  # an omitted optional input
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if _node_inputs(node) <= made:
+                ordered.append(node)
+                made.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            missing = sorted(_node_inputs(waiting[0]) - made)
+            raise RuntimeError(f"ONNX graph {graph.name!r}: node {waiting[0].name!r} reads "
+                               f"{missing}, which no node, input or initializer makes")
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _node_inputs(node: Any) -> set[str]:
+    """The names ``node`` reads: its inputs and what its subgraphs (If, Loop) read from
+    the enclosing graph."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = {v.name for v in sub.input} | {t.name for t in sub.initializer}
+            for sub_node in sub.node:
+                inner.update(sub_node.output)
+            for sub_node in sub.node:
+                names |= _node_inputs(sub_node) - inner
+    return names
 
 
 @contextmanager
@@ -210,23 +273,28 @@ def export_onnx(
 
     Returns ``{"onnx_path", "checkpoint", "net_type", "pruned", "params", "max_abs_diff",
     "ort_latency_ms"}``. Raises RuntimeError when onnxruntime differs from PyTorch by more
-    than ``atol``, ConfigError for bad inputs, ImportError (with the install line) when
-    onnx / onnxruntime are missing.
+    than ``atol`` (the file is then not written), ConfigError for bad inputs (before
+    anything is written), ImportError (with the install line) when onnx / onnxruntime are
+    missing.
     """
     require_onnx()
     if runs < 1:
         raise ConfigError(f"runs: {runs!r} must be >= 1")
+    onnx_path = _output_path(onnx_path)
     ckpt_path = resolve_checkpoint(checkpoint)
     model, ckpt = load_checkpoint(ckpt_path)
     x = example_input(ckpt, input_size)
-    onnx_path = to_onnx(model, x, onnx_path)
     # batch 3 (export used batch 1) also proves the batch dimension is dynamic
-    diff = onnx_max_abs_diff(onnx_path, model, example_input(ckpt, input_size, batch=3))
-    if not diff <= atol:
-        raise RuntimeError(
-            f"ONNX check failed for {str(onnx_path)!r}: onnxruntime differs from PyTorch "
-            f"by {diff:.3g} (limit {atol:g})"
-        )
+    batch3 = example_input(ckpt, input_size, batch=3)
+    diffs = []
+
+    def parity(written: Path) -> None:
+        diffs.append(onnx_max_abs_diff(written, model, batch3))
+        if not diffs[-1] <= atol:
+            raise parity_error(onnx_path, diffs[-1], atol)
+
+    to_onnx(model, x, onnx_path, check=parity)
+    diff = diffs[-1]
     return {
         "onnx_path": str(onnx_path),
         "checkpoint": str(ckpt_path),
@@ -236,6 +304,12 @@ def export_onnx(
         "max_abs_diff": diff,
         "ort_latency_ms": onnx_latency_ms(onnx_path, x, runs),
     }
+
+
+def parity_error(onnx_path: str | Path, diff: float, atol: float) -> RuntimeError:
+    """The error of an fp32 ONNX file that onnxruntime runs differently from PyTorch."""
+    return RuntimeError(f"ONNX check failed for {str(onnx_path)!r}: onnxruntime differs from "
+                        f"PyTorch by {diff:.3g} (limit {atol:g}); the file was not written")
 
 
 # -- fp16 and int8 ------------------------------------------------------------------------
@@ -252,10 +326,12 @@ def to_fp16(onnx_path: str | Path, fp16_path: str | Path) -> Path:
         # it warns for every constant it clamps into float16's range
         warnings.simplefilter("ignore", UserWarning)
         model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
-    # no onnx.checker here: the converter appends its input casts after the nodes that use
-    # them, which the checker rejects and onnxruntime (which sorts the graph) accepts
+    # the converter appends its input casts after the nodes that read them: onnxruntime
+    # sorts the graph itself, onnx.checker and stricter consumers refuse it unsorted
+    sort_topologically(model.graph)
     with _written_whole(fp16_path) as partial:
         onnx.save(model, str(partial))
+        check_onnx(partial, fp16_path)
     return fp16_path
 
 
@@ -300,6 +376,7 @@ def to_int8(onnx_path: str | Path, int8_path: str | Path, calibration: Iterable[
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax)
+            check_onnx(partial, int8_path)
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in int8_path.parent.glob("augmented_model*.onnx"):
@@ -435,7 +512,18 @@ def _variant_rows(label: str, model: nn.Module, source: Path, onnx_path: Path,
     rows = [{"name": f"torch fp32{suffix}", "variant": label, "format": "torch",
              "precision": "fp32", "file": str(source), "size_bytes": source.stat().st_size,
              "params": params, "macs": macs, "latency_ms": torch_latency}]
-    to_onnx(model, example[:1], onnx_path, opset=OPSET)
+    reference = predicts[0](example.numpy())
+    diffs: dict[str, float] = {}
+
+    def max_abs_diff(path: Path) -> float:
+        return float(np.abs(_onnx_predict(_session(path))(example.numpy()) - reference).max())
+
+    def parity(written: Path) -> None:
+        diffs["fp32"] = max_abs_diff(written)
+        if not diffs["fp32"] <= options["atol"]:
+            raise parity_error(onnx_path, diffs["fp32"], options["atol"])
+
+    to_onnx(model, example[:1], onnx_path, opset=OPSET, check=parity)
     files = [("fp32", onnx_path, {})]
     if options["fp16"]:
         files.append(("fp16", to_fp16(onnx_path, onnx_path.with_suffix(".fp16.onnx")), {}))
@@ -445,13 +533,9 @@ def _variant_rows(label: str, model: nn.Module, source: Path, onnx_path: Path,
                            per_channel=options["per_channel"],
                            exclude_first_last=options["exclude_first_last"])
         files.append(("int8", int8_path, {"excluded_nodes": excluded}))
-    reference = predicts[0](example.numpy())
     for precision, path, extra in files:
         predict = _onnx_predict(_session(path, options["threads"]))
-        diff = float(np.abs(predict(example.numpy()) - reference).max())
-        if precision == "fp32" and not diff <= options["atol"]:
-            raise RuntimeError(f"ONNX check failed for {str(path)!r}: onnxruntime differs from "
-                               f"PyTorch by {diff:.3g} (limit {options['atol']:g})")
+        diff = diffs[precision] if precision in diffs else max_abs_diff(path)
         predicts.append(predict)
         rows.append({"name": f"onnx {precision}{suffix}", "variant": label, "format": "onnx",
                      "precision": precision, "file": str(path),
@@ -474,17 +558,26 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
     the run's own test transform. A pruned run is measured beside the unpruned weights it
     started from (its ``model_file``, or ``baseline``). The report is also written as
     ``deploy_report.json`` beside ``onnx_path``; ``report["warnings"]`` flags every int8
-    model that loses more than ``int8_tolerance`` points of top-1.
+    model that loses more than ``int8_tolerance`` points of top-1. Bad input raises
+    ConfigError before anything is written; an fp32 file that differs from PyTorch by more
+    than ``atol``, or one ``onnx.checker`` refuses, raises RuntimeError.
     """
     from pbt.checkpoint import write_json_atomic
 
     require_onnx()
-    for name, value, low in (("runs", runs, 1), ("threads", threads, 1),
-                             ("calib_images", calib_images, 1)):
-        if value < low:
-            raise ConfigError(f"{name}: {value!r} must be >= {low}")
+    # every input is checked before anything is written
+    for name, value in (("runs", runs), ("threads", threads), ("calib_images", calib_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) has value {value!r}; "
+                              "it must be an integer >= 1")
+    if not math.isfinite(int8_tolerance):
+        raise ConfigError(f"int8_tolerance (--int8-tolerance) has value {int8_tolerance!r}; "
+                          "it must be a finite number of top-1 points")
+    onnx_path = _output_path(onnx_path)
     ckpt_path = resolve_checkpoint(checkpoint)
     model, ckpt = load_checkpoint(ckpt_path)
+    example = example_input(ckpt, input_size, batch=32)
+    baseline_model = None if baseline is None else _load_baseline(baseline)
     notes = []
     try:
         data = run_data(ckpt_path, ckpt, config, input_size)
@@ -500,12 +593,15 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
     pruned = bool(ckpt.get("prune_history"))
     if baseline is None and pruned and data is not None and data.model_file:
         if Path(data.model_file).is_file():
-            baseline = data.model_file
+            try:
+                baseline_model = load_checkpoint(data.model_file)[0]
+                baseline = data.model_file
+            except ConfigError as err:  # say so, but export what was asked for
+                notes.append(f"the unpruned model_file the run started from is not measured: "
+                             f"{err}")
         else:
             notes.append(f"the unpruned model_file {data.model_file!r} the run started from is "
                          "not found from here; --baseline path/to/it measures it too")
-    example = example_input(ckpt, input_size, batch=32)
-    onnx_path = Path(onnx_path)
     report: dict[str, Any] = {
         "checkpoint": str(ckpt_path), "net_type": ckpt["net_type"], "pruned": pruned,
         "input_size": list(example.shape[3:1:-1]), "opset": OPSET,
@@ -534,8 +630,7 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
     variants = [("pruned" if pruned else ("" if baseline is None else "model"), model,
                  ckpt_path, onnx_path)]
     if baseline is not None:
-        variants.insert(0, ("unpruned", load_checkpoint(baseline)[0],
-                            resolve_checkpoint(baseline),
+        variants.insert(0, ("unpruned", baseline_model, resolve_checkpoint(baseline),
                             onnx_path.with_name(onnx_path.stem + ".unpruned.onnx")))
     predicts = []
     for label, net, source, path in variants:
@@ -562,6 +657,32 @@ def deploy_report(checkpoint: str | Path, onnx_path: str | Path, *, fp16: bool =
                                             "--per-tensor)"))
     write_json_atomic(onnx_path.parent / "deploy_report.json", report)
     return report
+
+
+def _load_baseline(baseline: str | Path) -> nn.Module:
+    try:
+        return load_checkpoint(baseline)[0]
+    except ConfigError as err:
+        raise ConfigError(f"--baseline: {err}") from None
+
+
+def _output_path(onnx_path: str | Path) -> Path:
+    """``onnx_path`` as a Path, when it can be written: not a folder, under a folder (or
+    where one can be made) that is writable."""
+    onnx_path = Path(onnx_path)
+    if onnx_path.is_dir():
+        raise ConfigError(f"--onnx: {str(onnx_path)!r} is a folder; name the .onnx file "
+                          "(the other files go beside it)")
+    folder = onnx_path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--onnx: {str(onnx_path)!r} cannot be written: {str(folder)!r} "
+                          "is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--onnx: {str(onnx_path)!r} cannot be written: no write access to "
+                          f"{str(folder)!r}")
+    return onnx_path
 
 
 def _version(module: str) -> str:
@@ -597,9 +718,19 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad flag the way the rest of pbt reports bad input."""
+
+    def error(self, message: str) -> Any:
+        print(f"pbt: error: {message} ({self.prog} --help lists the flags)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (3: an int8 model was flagged)."""
-    parser = argparse.ArgumentParser(
+    """Command line entry point; returns the exit status: 0 done, 1 the export failed (an
+    fp32 file that differs from PyTorch, one onnx.checker refuses), 2 bad input (before
+    anything is written), 3 an int8 model was flagged."""
+    parser = _Parser(
         prog="python -m pbt.export",
         description="Export a pbt checkpoint to ONNX (fp32, and fp16 / int8 on request), "
                     "measure each form and write deploy_report.json beside the ONNX files.")
@@ -629,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_onnx()
     except ImportError as err:
-        print(err, file=sys.stderr)
+        print(f"pbt: error: {err}", file=sys.stderr)
         return 2
     try:
         ckpt_path = resolve_checkpoint(args.checkpoint)
@@ -640,8 +771,11 @@ def main(argv: list[str] | None = None) -> int:
             per_channel=not args.per_tensor, exclude_first_last=args.exclude_first_last,
             baseline=args.baseline, config=args.config, input_size=args.input_size,
             threads=args.threads, runs=args.runs)
-    except (ConfigError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:
+        print(f"pbt: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"pbt: error: {err}", file=sys.stderr)
         return 1
     main_fp32 = [row for row in report["rows"] if row["format"] == "onnx"
                  and row["precision"] == "fp32"][-1]

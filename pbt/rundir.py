@@ -32,6 +32,9 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.handle = Path(run_dir), None
         self.made_dir = not self.run_dir.exists()
+        # the folders above it that the lock's mkdir makes (a new work_dir): a run that
+        # stops at a check removes them again when they are still empty
+        self.made_parents = [p for p in self.run_dir.parents if not p.exists()]
 
     def acquire(self) -> None:
         try:
@@ -76,6 +79,11 @@ class RunLock:
         if self.made_dir and self.run_dir.is_dir() and \
                 [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # a run that stopped at a check
+            for parent in self.made_parents:  # nearest first
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: another run (or a file) lives there now
+                    break
         self.handle.close()  # closing drops the lock
         self.handle = None
 
@@ -122,17 +130,23 @@ def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
                 found = find_resume(cfg.resume, work_dir, cfg.run_name, prefix, trainer.log)
                 if found is not None:
                     run_dir, state = found
-                else:
-                    trainer.log(f"resume auto: no state of {prefix!r} under {str(work_dir)!r}, "
-                                "starting fresh")
             held = _holds_a_run(run_dir) if state is None else []
+            # a pbt run killed before its first state was complete: nothing in it resumes
+            restart = bool(cfg.resume == "auto" and cfg.run_name and held
+                           and {"config.yaml", "train.log"} <= set(held))
+            if restart:
+                trainer.log(f"resume auto: {str(run_dir)!r} holds no complete state (its run "
+                            "stopped before saving one); starting that run afresh there")
+            elif cfg.resume and state is None:
+                trainer.log(f"resume auto: no state of {prefix!r} under {str(work_dir)!r}, "
+                            "starting fresh")
             if held and not cfg.run_name:
                 number = 1
                 while _holds_a_run(run_dir):  # a generated name taken (same second)
                     number += 1
                     run_dir = work_dir / f"{name}_{number}"
                 held = []
-            elif held and not cfg.overwrite:
+            elif held and not (cfg.overwrite or restart):
                 raise ConfigError(
                     f"run dir {str(run_dir)!r} already holds a run "
                     f"({', '.join(held[:5])}); a fresh run never reuses it. "
@@ -141,8 +155,9 @@ def resolve_run_dir(trainer: Any) -> tuple[Path, Path | None]:
             check_writable(run_dir, "resume" if state else "work_dir")
             trainer.run_lock = RunLock(run_dir)
             trainer.run_lock.acquire()
-            if held:  # overwrite: true
-                trainer.log(f"overwrite: replacing the run in {run_dir}")
+            if held:  # overwrite: true, or a restart of a run that saved no state
+                if not restart:
+                    trainer.log(f"overwrite: replacing the run in {run_dir}")
                 for entry in held:
                     target = run_dir / entry
                     if target.is_dir():

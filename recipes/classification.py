@@ -67,6 +67,7 @@ def _check_transform(preset: str) -> str | None:
     return None
 
 # The recipe's own config keys (the engine's are in pbt.config.CORE_KEYS).
+MAX_SIDE = 8192  # input_size: a float batch of 8192 x 8192 images is already 0.8 GB each
 KEYS = [
     Key("train_data", "paths", None, "ImageFolder dirs or list files (null: digits)", path=True),
     Key("test_data", "paths", None, "ImageFolder dirs or list files (null: digits)", path=True),
@@ -76,7 +77,8 @@ KEYS = [
         check=lambda v: None if not isinstance(v, str) or Path(v).is_file()
         else "true, false or an existing weight file"),
     Key("input_size", "int_list", [32, 32], "[W, H]",
-        check=lambda v: None if len(v) == 2 and min(v) > 0 else "[W, H] > 0"),
+        check=lambda v: None if len(v) == 2 and all(1 <= side <= MAX_SIDE for side in v)
+        else f"[W, H], each an integer from 1 to {MAX_SIDE}"),
     Key("rgb_mean", "float_list", [0.5, 0.5, 0.5], "normalisation mean (0..1 scale)",
         check=lambda v: None if len(v) == 3 else "3 numbers"),
     Key("rgb_std", "float_list", [0.5, 0.5, 0.5], "normalisation std (0..1 scale)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,15 +94,44 @@ def test_model_file_that_does_not_fit_is_named(trained):
 
 
 def test_two_cpu_processes_get_the_declared_key(tmp_path):
-    result = run_script(["--work_dir", str(tmp_path), "--run_name", "ddp", "--hidden_dim", "6",
-                         "--num_epochs", "2", "--num_processes", "2", "--main_process_port",
+    """``--num_processes 2`` on a user's script: two ranks really ran, each built the
+    declared ``hidden_dim``, and together they train as one process with both batches:
+    with 32 of the 64 samples a rank, each epoch's one step follows the mean gradient of all
+    64, as one process with batch 64 does. The test loss is the mean over exactly the 33
+    test samples, although rank 1's last batch is padded with repeats to even the ranks."""
+    from regression_script import KEYS, RegressionTrainer, make_data
+
+    common = ["--hidden_dim", "6", "--num_epochs", "2", "--progress", "false",
+              "--num_workers", "0", "--lr", "0.02"]
+    result = run_script(["--work_dir", str(tmp_path), "--run_name", "ddp", *common,
+                         "--batch_size", "32", "--num_processes", "2", "--main_process_port",
                          "0"], tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr
-    assert "rank 0/2 ready" in result.stdout and "rank 1/2 ready" in result.stdout
+    ready = re.findall(r"pbt: rank (\d)/2 ready \(pid (\d+)", result.stdout)
+    assert sorted(rank for rank, _ in ready) == ["0", "1"], result.stdout
+    assert len({pid for _, pid in ready}) == 2  # two processes, not one printing twice
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["best"] is not None
-    weights = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
-    assert weights["model"]["0.weight"].shape == (6, 4)  # each worker built hidden_dim 6
+    assert summary["world_size"] == 2 and summary["global_step"] == 2  # 64 / (32 x 2) a step
+    weights = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["model"]
+    assert weights["0.weight"].shape == (6, 4)  # each worker built hidden_dim 6
+
+    one = RegressionTrainer(load_config(["--work_dir", str(tmp_path), "--run_name", "one",
+                                         *common, "--batch_size", "64"], keys=KEYS)).run()
+    single = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["model"]
+    # the same mean gradient, summed in another order (per rank, then the all-reduce):
+    # float32 rounding, about 1e-8 here, far below the 1e-2 the weights move per step
+    assert single.keys() == weights.keys()
+    assert all(torch.allclose(single[k], weights[k], rtol=1e-5, atol=1e-6) for k in single)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1))
+    model.load_state_dict(weights)
+    x, y = make_data(33, 1).tensors
+    with torch.no_grad():
+        error = model(x) - y
+    tested = summary["test"]  # the last epoch's, of the weights in last.pth
+    assert tested["loss/mse"] == pytest.approx(float((error ** 2).mean()), rel=1e-5)
+    assert tested["loss/l1"] == pytest.approx(float(0.1 * error.abs().mean()), rel=1e-5)
+    assert tested["loss"] == pytest.approx(one["test"]["loss"], rel=1e-5)
 
 
 def test_monitor_naming_no_metric_lists_the_logged_ones(tmp_path):
@@ -191,5 +221,10 @@ def test_engine_imports_no_task_module():
     assert len(source.splitlines()) <= 525
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = "import sys, pbt.engine; print(sorted(m for m in sys.modules if m.startswith('pbt')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert "pbt.models" not in out.stdout and "pbt.data" not in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    # a failed import prints no module list, which would pass the checks below
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip()
+    assert loaded.startswith("[") and "'pbt.engine'" in loaded, out.stdout
+    assert "pbt.models" not in loaded and "pbt.data" not in loaded, loaded

@@ -186,7 +186,9 @@ def _reset_accelerate() -> None:
 
 def test_recipe_resumes_exactly_across_cache_modes(tmp_path):
     """Digits, uncached straight through == cached (auto) stopped mid-epoch, resumed with
-    cache_images true: the cache changes no batch, so it may change on resume."""
+    cache_images true: the cache changes no batch, so it may change on resume. With an
+    augmentation preset (light+randaugment): README promises presets exact under resume,
+    and its draws are seeded per sample whichever process or worker loads it."""
     from pbt.callbacks import Callback
     from pbt.config import load_config
     from pbt.launch import Preempted
@@ -205,7 +207,8 @@ def test_recipe_resumes_exactly_across_cache_modes(tmp_path):
     def train(run_name: str, extra=(), **overrides):
         cfg = load_config([], keys=recipe.KEYS, work_dir=str(tmp_path / "w"),
                           run_name=run_name, num_epochs=2, input_size=[16, 16], batch_size=96,
-                          lr=0.05, scheduler="cosine", train_transform="light",
+                          lr=0.05, scheduler="cosine",
+                          train_transform="light+randaugment",
                           progress=False, **{"num_workers": 0, **overrides})
         Trainer.extra = list(extra)
         try:

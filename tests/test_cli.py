@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import ROOT, NoisyBlobs, same_weights, tiny_trainer_class, weights
 
+from pbt.callbacks import Callback
 from pbt.checkpoint import complete_states, state_problem
 from pbt.config import CORE_KEYS
 
@@ -293,6 +294,14 @@ def test_ctrl_c_stops_both_workers_after_each_saves_its_state(tmp_path):
     assert "resumed from" in resumed.stdout
     summary = summary_of(run_dir)
     assert summary["world_size"] == 2 and summary["epochs"] == int(epochs)
+    # the same 2 workers without a stop, for as many epochs: bit-identical (the schedule is
+    # multi-step, a function of the step alone, so the num_epochs it was started with is moot)
+    run([sys.executable, TINY, *BASE, "--run_name", "ddp_straight", "--num_processes", "2",
+         "--main_process_port", "0", "--batch_size", "4", "--num_epochs", epochs], tmp_path,
+        env=env)
+    straight = tmp_path / "w" / "ddp_straight"
+    assert same_weights(straight / "last.pth", run_dir / "last.pth")
+    assert summary_of(straight)["history"] == summary["history"]
 
 
 # -- c. a NaN loss -------------------------------------------------------------------------------
@@ -619,3 +628,212 @@ def test_on_after_backward_runs_where_readme_places_it(tmp_path):
     assert all(call["grads"] and not call["stepped"] for call in backward)
     summaries = [call for call in calls if call["hook"] == "on_train_summary"]
     assert all(call["stepped"] for call in summaries)
+
+
+RANK_LOGS_SCRIPT = '''
+import json
+import sys
+
+sys.path.insert(0, TESTS_DIR)
+from conftest import tiny_trainer_class
+
+from pbt.callbacks import Callback
+from pbt.config import parse_config
+from pbt.launch import launch
+
+
+class RankLogs(Callback):
+    """Each process's epoch metrics, as its own hooks see them."""
+
+    def on_epoch_end(self, epoch, logs):
+        rank = self.trainer.accelerator.process_index
+        with open(f"rank{rank}.jsonl", "a") as out:
+            out.write(json.dumps({"train": logs["train"], "test": logs["test"]}) + "\\n")
+
+
+def main(cfg):
+    return tiny_trainer_class()(cfg, [RankLogs()]).run()
+
+
+if __name__ == "__main__":
+    launch(main, parse_config())
+'''
+
+
+def test_two_processes_log_the_same_reduced_metrics(tmp_path):
+    """README: every process runs the hooks; losses are reduced across processes and test
+    metrics count each of the 23 test images once (the sampler pads 23 to 24 for 2 ranks)."""
+    script = write_script(tmp_path, "rank_logs.py", RANK_LOGS_SCRIPT)
+    run([sys.executable, script, *BASE, "--run_name", "ddp", "--num_epochs", "2",
+         "--num_processes", "2", "--main_process_port", "0"], tmp_path, timeout=300)
+    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for mine, theirs in zip(*ranks):
+        assert mine == theirs  # one value per metric for the whole job, on every process
+        assert mine["test"]["count"] == 23 and "loss" in mine["train"]
+    assert summary_of(tmp_path / "w" / "ddp")["history"][-1]["test"] == ranks[0][-1]["test"]
+
+
+# -- bad inputs in config and data, as a user types them -----------------------------------------
+def test_an_absurd_batch_size_exits_2_naming_the_range_before_writing_anything(tmp_path):
+    result = run([sys.executable, RECIPE, "--work_dir", "w", "--run_name", "r",
+                  "--batch_size", "99999999999999999999"], tmp_path, expect=2, timeout=120)
+    messages = [line for line in result.stderr.splitlines() if line.startswith("pbt:")]
+    assert len(messages) == 1, result.stderr
+    assert "'batch_size'" in messages[0] and "99999999999999999999" in messages[0]
+    assert "from 1 to 1000000" in messages[0], messages[0]
+    assert list(tmp_path.iterdir()) == [], "a refused config must not make a run dir"
+
+
+def test_a_config_file_over_1_mib_exits_2_with_a_short_message(tmp_path):
+    big = tmp_path / "big.yaml"  # 2.4 MB: a data dump given as -c
+    big.write_text("rgb_mean: [" + ", ".join(["0.5"] * 800_000) + "]\n")
+    before = files_of(tmp_path)
+    result = run([sys.executable, RECIPE, "-c", big, "--work_dir", "w"], tmp_path, expect=2,
+                 timeout=120)
+    assert result.stderr.count("pbt: error") == 1 and len(result.stderr) < 500, \
+        result.stderr[:2000]
+    assert "big.yaml" in result.stderr and "at most 1048576 bytes" in result.stderr
+    assert files_of(tmp_path) == before
+
+
+def test_a_directory_as_config_file_or_model_file_is_named_a_directory(tmp_path):
+    from torch import nn
+
+    from pbt.checkpoint import load_weights
+    from pbt.config import ConfigError
+
+    (tmp_path / "weights").mkdir()
+    before = files_of(tmp_path)
+    for flag in ("-c", "--model_file"):
+        result = tiny(tmp_path, "--run_name", "d", "--num_epochs", "1", flag, "weights",
+                      expect=2)
+        assert result.stderr.count("pbt: error") == 1, result.stderr
+        assert "'weights' is a directory" in result.stderr, result.stderr
+        assert "does not exist" not in result.stderr, result.stderr
+        assert files_of(tmp_path) == before, f"{flag} weights changed files"
+    with pytest.raises(ConfigError, match="'pretrained'.*is a directory; a file is expected"):
+        load_weights(nn.Linear(2, 2), tmp_path / "weights", key="pretrained")
+
+
+def test_recipe_data_with_a_bom_repeats_a_symlink_loop_and_a_huge_image(tmp_path):
+    """What PIL, a Windows editor or a stray ``ln -s`` leave in a user's data: training runs,
+    each surprise is one line, PIL's own warning (which names no file) is not shown."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(path: Path, size=(8, 8)) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        return path
+
+    for label in range(3):
+        for i in range(3):
+            image(tmp_path / "train" / str(label) / f"{i}.png")
+            image(tmp_path / "test" / str(label) / f"{i}.png")
+    lines = [f"train/{label}/{i}.png {label}" for label in range(3) for i in range(3)]
+    lines.append("train/1/0.png 1")  # a repeat
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    os.symlink(".", tmp_path / "test" / "0" / "loop")  # test/0/loop -> test/0
+    big = image(tmp_path / "test" / "2" / "big.bmp", size=(40, 30))  # over the limit below
+    wrapper = tmp_path / "run_recipe.py"  # PIL's limit lowered, then the recipe as a user runs it
+    wrapper.write_text("import runpy, sys\nfrom PIL import Image\nImage.MAX_IMAGE_PIXELS = 1000\n"
+                       f"sys.argv[0] = {str(RECIPE)!r}\n"
+                       f"runpy.run_path({str(RECIPE)!r}, run_name='__main__')\n")
+    result = run([sys.executable, wrapper, "--train_data", "train.txt", "--test_data", "test",
+                  "--work_dir", "w", "--run_name", "r", "--num_epochs", "1", "--batch_size",
+                  "5", "--num_workers", "0", "--progress", "false", "--input_size", "16",
+                  "16"],
+                 tmp_path, timeout=300)
+    err = result.stderr
+    assert "DecompressionBombWarning" not in err and "decompression bomb DOS" not in err, err
+    assert err.count("1 line(s) repeat an image") == 1 and "train.txt" in err, err
+    assert err.count("symlinked folder(s) not followed") == 1, err
+    assert str(tmp_path / "test" / "0" / "loop") in err or "test/0/loop" in err, err
+    assert err.count("over PIL's decompression-bomb limit") == 1 and big.name in err, err
+    log = (tmp_path / "w" / "r" / "train.log").read_text()
+    assert "train data: 10 images, 3 classes" in log, log  # the BOM line read, the repeat kept
+    assert "test data: 10 images" in log, log  # 9 + big.bmp, the loop not followed
+
+
+# -- channels_last on CPU --------------------------------------------------------------------------
+class MemoryFormat(Callback):
+    """Per training step: whether every conv weight is channels-last, and the loss; per
+    forward: whether layer1's output (an activation) is channels-last."""
+
+    def on_train_begin(self, logs):
+        self.weights, self.activations, self.losses = [], [], []
+        self.hook = self.trainer.unwrapped_model.layer1.register_forward_hook(
+            lambda module, args, out: self.activations.append(
+                out.is_contiguous(memory_format=torch.channels_last)))
+
+    def on_batch_end(self, batch, logs):
+        convs = [m.weight for m in self.trainer.unwrapped_model.modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        self.weights.append(all(w.is_contiguous(memory_format=torch.channels_last)
+                                for w in convs))
+        self.losses.append(float(self.trainer.loss.detach()))
+
+    def on_train_end(self, logs):
+        self.hook.remove()
+
+
+def test_channels_last_trains_on_cpu_in_that_format_and_as_without(tmp_path, monkeypatch):
+    """README: ``channels_last: true`` works on CPU. The recipe's resnet18 trains 2 steps
+    on 48 digits with its weights and activations channels-last; the run matches the one
+    without to float32 rounding (the kernels of the two layouts sum in other orders)."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        from classification import KEYS, ClassificationTrainer
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    from pbt.config import load_config
+    from pbt.data import materialise_digits
+    from pbt.models import build_model
+
+    # real digits: images of one flat colour (six_classes) leave BatchNorm next to no
+    # variance to divide by, which blows rounding up to per-cent differences in one step
+    trees = materialise_digits(tmp_path / "digits")
+    data = [tmp_path / "small" / split for split in ("train", "test")]
+    for tree, small, count in zip(trees, data, (8, 4)):
+        for folder in sorted(tree.iterdir())[:6]:
+            (small / folder.name).mkdir(parents=True)
+            for file in sorted(folder.iterdir())[:count]:
+                shutil.copy(file, small / folder.name / file.name)
+
+    class Probed(ClassificationTrainer):
+        def build_callbacks(self, cfg):
+            return super().build_callbacks(cfg) + [probes[-1]]
+
+    monkeypatch.chdir(tmp_path)
+    probes, summaries = [], {}
+    for flag in ("false", "true"):
+        probes.append(MemoryFormat())
+        cfg = load_config([*RECIPE_SMALL, "--batch_size", "24", "--run_name", flag,
+                           "--channels_last", flag, "--train_data", str(data[0]),
+                           "--test_data", str(data[1])], keys=KEYS,
+                          default_file=ROOT / "recipes" / "classification.yaml")
+        summaries[flag] = Probed(cfg).run()
+    plain, last = probes
+    assert len(last.weights) == len(last.losses) == 2  # 48 images, 24 a step
+    assert last.weights == [True, True] and last.activations and all(last.activations)
+    assert plain.weights == [False, False] and not any(plain.activations)
+    # float32 rounding only: measured here, the step losses differ by 1e-6 (relative), the
+    # test loss by 5e-6 and the weights by 8e-6 at most; the bounds leave 10-30x room for
+    # other CPUs' kernels
+    assert last.losses == pytest.approx(plain.losses, rel=1e-4)
+    tested = [summaries[flag]["test"] for flag in ("false", "true")]
+    assert tested[1]["loss"] == pytest.approx(tested[0]["loss"], rel=1e-3)
+    a, b = (torch.load(tmp_path / "w" / flag / "last.pth", weights_only=True)["model"]
+            for flag in ("false", "true"))
+    assert a.keys() == b.keys()
+    far = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4)]
+    assert not far, far
+    # the weights file loads into a model built without channels_last
+    build_model("resnet18", 6).load_state_dict(b)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -224,6 +223,100 @@ def test_unchecked_bad_image_fails_when_loaded(tmp_path):
     index = [p for p, _ in ds.samples].index(str(bad["text"]))
     with pytest.raises(ConfigError, match="text.jpg"):
         ds[index]
+
+
+def _caught(call):
+    """``call()``'s result and the warnings it gave, each one shown ("always")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, caught
+
+
+def test_symlinked_folders_are_followed_into_no_folder_twice(tmp_path):
+    root = _tree(tmp_path / "data", {"a": 3, "b": 3})
+    _tree(tmp_path / "elsewhere", {"more": 2})
+    os.symlink(".", root / "a" / "loop")  # a/loop -> a: a loop
+    os.symlink("../a", root / "b" / "to_a")  # another class's folder
+    os.symlink(tmp_path / "elsewhere" / "more", root / "b" / "extra")  # a plain folder link
+    os.symlink(tmp_path / "elsewhere" / "more", root / "b" / "extra_again")  # a second link
+    os.symlink("../a/0.png", root / "b" / "link.png")  # a link to an image file works
+    ds, caught = _caught(lambda: build_dataset(root))
+    assert Counter(ds.classes[t] for t in ds.targets) == {"a": 3, "b": 3 + 2 + 1}
+    assert len(set(p for p, _ in ds.samples)) == len(ds) == 9
+    notes = [str(w.message) for w in caught if "symlinked folder" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in caught]
+    assert "3 symlinked folder(s) not followed" in notes[0] and str(root) in notes[0]
+    assert str(root / "a" / "loop") in notes[0]
+
+
+def test_class_folders_that_are_one_folder_are_refused(tmp_path):
+    root = _tree(tmp_path / "data", {"a": 2})
+    os.symlink("a", root / "b")
+    with pytest.raises(ConfigError, match="class folders 'a' and 'b' are the same folder"):
+        build_dataset(root)
+
+
+def test_list_and_class_name_files_with_a_byte_order_mark(tmp_path):
+    _tree(tmp_path / "train", {"cat": 1, "dog": 2})
+    # as Windows Notepad saves UTF-8: a BOM before the first path and the first class
+    (tmp_path / "class_name.txt").write_text("dog\ncat\n", encoding="utf-8-sig")
+    (tmp_path / "train.txt").write_text("train/cat/0.png\ntrain/dog/0.png\ntrain/dog/1.png 0\n",
+                                        encoding="utf-8-sig")
+    assert (tmp_path / "train.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    ds = build_dataset(tmp_path / "train.txt")
+    assert ds.classes == ["dog", "cat"] and ds.targets == [1, 0, 0]
+    assert ds.samples[0][0] == str(tmp_path / "train" / "cat" / "0.png")
+
+
+def test_repeated_list_lines_are_kept_with_one_warning(tmp_path):
+    _tree(tmp_path / "img", {"cat": 2, "dog": 1})
+    (tmp_path / "l.txt").write_text("img/cat/0.png\nimg/dog/0.png\nimg/cat/1.png\n"
+                                    "img/dog/0.png\nimg/cat/0.png cat\nimg/./dog/0.png\n")
+    ds, caught = _caught(lambda: build_dataset(tmp_path / "l.txt"))
+    assert len(ds) == 6  # kept: a repeated line draws that image more often
+    notes = [str(w.message) for w in caught if "repeat" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in caught]
+    assert str(tmp_path / "l.txt") in notes[0] and "3 line(s)" in notes[0]
+    assert "line 4" in notes[0] and "dog/0.png" in notes[0] and "first on line 2" in notes[0]
+    # no repeats, no warning
+    (tmp_path / "ok.txt").write_text("img/cat/0.png\nimg/cat/1.png\n")
+    _, caught = _caught(lambda: build_dataset(tmp_path / "ok.txt"))
+    assert not [w for w in caught if "repeat" in str(w.message)]
+
+
+@pytest.mark.parametrize("cache_images", [False, True], ids=["scanned", "cached"])
+def test_an_image_over_pils_bomb_limit_gives_one_pbt_warning_naming_it(
+        tmp_path, monkeypatch, cache_images):
+    root = _tree(tmp_path / "data", {"a": 2, "b": 2})
+    big_png = _save(root / "a" / "big.png", size=(40, 30))  # the fast decoder's format
+    big_bmp = _save(root / "b" / "big.bmp", size=(40, 30))  # PIL decodes it in __getitem__
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 px: PIL warns, decodes
+    ds, caught = _caught(lambda: build_dataset(root, cache_images=cache_images))
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    notes = [str(w.message) for w in caught]
+    assert len(notes) == 1 and str(big_png) in notes[0], notes
+    assert "2 image(s)" in notes[0] and "40 x 30" in notes[0] and "1,000 pixels" in notes[0]
+    # the loaders decode them again each epoch: named once already, PIL stays quiet
+    _, caught = _caught(lambda: [ds[i] for i in range(len(ds))])
+    assert not caught, [str(w.message) for w in caught]
+    # over twice the limit PIL refuses them: bad images, named, whichever decoder reads them
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(ConfigError) as err:
+        build_dataset(root, cache_images=cache_images)
+    assert "2 bad image(s)" in str(err.value), str(err.value)
+    for path in (big_png, big_bmp):
+        assert f"{path}: DecompressionBombError" in str(err.value), str(err.value)
+
+
+def test_an_unscanned_oversized_image_is_named_when_loaded(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "data", {"a": 1})
+    big = _save(root / "a" / "big.bmp", size=(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    ds = build_dataset(root, check_images=False)
+    _, caught = _caught(lambda: [ds[i] for i in range(len(ds)) for _ in range(3)])
+    notes = [str(w.message) for w in caught]
+    assert len(notes) == 1 and str(big) in notes[0] and "decoded anyway" in notes[0], notes
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -451,20 +544,66 @@ def test_materialise_digits_recovers_and_refuses_foreign_trees(tmp_path):
         materialise_digits(tmp_path / "d", seed=2)  # another seed, another split
 
 
-def test_materialise_digits_concurrently(tmp_path):
-    errors: list[BaseException] = []
+# One training process per GPU each calls materialise_digits on the same folder at once.
+# Each child imports first, says so, then waits for the start file: the writes overlap.
+DIGITS_WRITER = """
+import sys, time
+from pathlib import Path
+from pbt.data import materialise_digits
+root, ready, go = (Path(a) for a in sys.argv[1:4])
+ready.touch()
+deadline = time.monotonic() + 120
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.005)
+before = (root / "train").exists()
+train, test = materialise_digits(root, seed=0)
+print(before, train, test)
+"""
 
-    def work() -> None:
-        try:
-            materialise_digits(tmp_path / "c", seed=0)
-        except BaseException as err:  # surfaced below
-            errors.append(err)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    assert len(_files(tmp_path / "c" / "train")) + len(_files(tmp_path / "c" / "test")) == 1797
-    assert isinstance(build_dataset(tmp_path / "c" / "test"), ImageDataset)
+def _tree_bytes(tree: Path) -> dict[str, bytes]:
+    return {p.relative_to(tree).as_posix(): p.read_bytes() for p in tree.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.slow  # three interpreters importing torch: ~10 s, more on a busy CPU
+def test_materialise_digits_from_three_processes_at_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "c"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    readies = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", DIGITS_WRITER, str(root), str(ready),
+                               str(tmp_path / "go")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+             for ready in readies]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+            assert all(proc.poll() is None for proc in procs), "a writer died on import"
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert out.split()[1:] == [str(root / "train"), str(root / "test")], out
+    # at least two really raced: they started before any tree was in place
+    assert [out.split()[0] for out, _ in outputs].count("False") >= 2, outputs
+
+    # one whole tree, byte for byte what a lone writer makes, and no staging folder left
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    reference = materialise_digits(tmp_path / "alone", seed=0)
+    for split, alone in zip(("train", "test"), reference):
+        written = _tree_bytes(root / split)
+        assert written.keys() == _tree_bytes(alone).keys()
+        assert written == _tree_bytes(alone), f"{split}: files differ from a lone writer's"
+    assert sum(len(_files(root / s)) for s in ("train", "test")) == 1797
+    assert isinstance(build_dataset(root / "test"), ImageDataset)

@@ -279,6 +279,84 @@ def test_busy_port_is_a_clear_error(tmp_path, small_data, probe):
     assert "--main_process_port 0" in result.stderr
 
 
+# A user's script (tests/regression_script.py's trainer) that records, per rank, the torch
+# threads it has when main() starts and when training begins, and OMP_NUM_THREADS.
+THREADS = '''
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.environ["PBT_TESTS"])
+from regression_script import KEYS, RegressionTrainer  # noqa: E402
+
+from pbt.callbacks import Callback  # noqa: E402
+from pbt.config import parse_config  # noqa: E402
+from pbt.launch import launch  # noqa: E402
+
+
+class Threads(Callback):
+    def on_train_begin(self, logs):
+        self.training = torch.get_num_threads()
+
+
+def main(cfg):
+    record = {"rank": int(os.environ.get("RANK", 0)), "at_start": torch.get_num_threads(),
+              "omp": os.environ.get("OMP_NUM_THREADS")}
+    probe = Threads()
+
+    class Probed(RegressionTrainer):
+        def build_callbacks(self, cfg):
+            return super().build_callbacks(cfg) + [probe]
+
+    summary = Probed(cfg).run()
+    record["training"] = probe.training
+    out = Path(os.environ["PBT_PROBE_OUT"]) / f"threads{record['rank']}.json"
+    out.write_text(json.dumps(record))
+    return summary
+
+
+if __name__ == "__main__":
+    launch(main, parse_config(keys=KEYS))
+'''
+
+
+@pytest.mark.slow  # two 2-process runs: ~20 s on 2 idle cores
+def test_num_processes_gives_each_worker_its_share_of_the_cores(tmp_path, probe):
+    """README: with ``--num_processes N`` each worker gets cores / N torch threads, unless
+    ``OMP_NUM_THREADS`` is already set. (The test suite sets it to 1 for every process, so
+    the first run drops it; the second sets it to the core count, torch's cap.)"""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    records = probe.parent / "records"
+    cores = os.cpu_count() or 1
+    share = max(1, cores // 2)
+    for name, preset in (("share", None), ("preset", str(cores))):
+        env = cpu_env(PBT_TESTS=str(ROOT / "tests"))
+        env.pop("OMP_NUM_THREADS", None)
+        env.pop("MKL_NUM_THREADS", None)
+        if preset:
+            env["OMP_NUM_THREADS"] = preset
+        result = subprocess.run(
+            [sys.executable, str(script), "--work_dir", str(tmp_path / "work"), "--run_name",
+             name, "--num_processes", "2", "--main_process_port", "0", "--num_epochs", "1",
+             "--progress", "false", "--num_workers", "0"],
+            capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert ready_ranks(result.stdout) == {"0", "1"}
+        threads = {int(f.stem[-1]): json.loads(f.read_text())
+                   for f in records.glob("threads*.json")}
+        assert sorted(threads) == [0, 1]
+        expected = int(preset) if preset else share
+        for record in threads.values():
+            assert record["omp"] == str(expected), (name, record)
+            assert record["at_start"] == record["training"] == expected, (name, record)
+        for file in records.glob("threads*.json"):
+            file.unlink()
+
+
 # -- two processes started by pbt itself ------------------------------------------------------
 def test_two_processes_train_as_one(tmp_path, small_data, probe):
     """``--num_processes 2`` on CPU: sharding by global rank with a reshuffle each epoch,
@@ -489,10 +567,24 @@ def train_tiny_2p(cwd: Path, run_name: str, *args: str, signal_at: str | None = 
                           env=env)
 
 
-def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer):
-    """With EMA and mixup on: both are per-process state that must survive the kill."""
-    extra = ["--ema_decay", "0.9", "--mixup_alpha", "0.4"]
+def mix_kinds(folder: Path, rank: int) -> list[tuple[int, int, str]]:
+    """``(epoch, batch, kind)`` per training batch of ``rank``, as tests/train_tiny.py's
+    PBT_MIX_LOG recorded them."""
+    lines = (folder / f"mix_rank{rank}.txt").read_text().split("\n")
+    return [(int(e), int(b), kind) for e, b, kind in (line.split() for line in lines if line)]
+
+
+def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer, monkeypatch):
+    """With EMA, mixup and CutMix on (each batch picks one of the two; 2x4x4 images give
+    CutMix boxes to paste): per-process state that must survive the kill."""
+    extra = ["--ema_decay", "0.9", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"]
+    monkeypatch.setenv("PBT_TINY_IMAGES", "1")
+    logs = {name: tmp_path / f"mix_{name}" for name in ("straight", "resumed")}
+    for folder in logs.values():
+        folder.mkdir()
+    monkeypatch.setenv("PBT_MIX_LOG", str(logs["straight"]))
     straight = train_tiny_2p(tmp_path, "straight", *extra)
+    monkeypatch.delenv("PBT_MIX_LOG")
     assert straight.returncode == 0, straight.stderr
     assert ready_ranks(straight.stdout) == {"0", "1"}
     crashed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", *extra,
@@ -505,9 +597,18 @@ def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer):
              ["ModelEMA#0"]["weights"] for r in (0, 1)]
     parameters = [name for name in ranks[0] if "running" not in name and "num_batches" not in name]
     assert parameters and all(torch.equal(ranks[0][k], ranks[1][k]) for k in parameters)
+    monkeypatch.setenv("PBT_MIX_LOG", str(logs["resumed"]))
     resumed = train_tiny_2p(tmp_path, "crashed", "--save_steps", "2", "--resume", str(run_dir),
                             *extra)
     assert resumed.returncode == 0, resumed.stderr
+    # from the state of step 6 (epoch 2, batch 1) each rank mixed as in the uninterrupted
+    # run, its own way (the generator is seeded by the process too), and both kinds happened
+    for rank in (0, 1):
+        mixes = mix_kinds(logs["straight"], rank)
+        assert [(e, b) for e, b, _ in mixes] == [(e, b) for e in range(3) for b in range(5)]
+        assert mix_kinds(logs["resumed"], rank) == mixes[6:]
+        assert {"mixup", "cutmix"} <= {kind for _, _, kind in mixes[6:]}
+    assert mix_kinds(logs["straight"], 0) != mix_kinds(logs["straight"], 1)
     assert "resumed from" in resumed.stdout and ready_ranks(resumed.stdout) == {"0", "1"}
     a = torch.load(tmp_path / "w" / "straight" / "last.pth", weights_only=True)["model"]
     b = torch.load(run_dir / "last.pth", weights_only=True)["model"]

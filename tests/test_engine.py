@@ -178,11 +178,36 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_trainer
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_early_stopping(tmp_path, tiny_trainer):
-    cfg = tiny_cfg(tmp_path, num_epochs=10, lr=1e-6, early_stop_patience=2,
-                   monitor="test/top1", early_stop_min_delta=50.0)
-    summary = tiny_trainer(cfg).run()
-    assert summary["epochs"] == 3
+# The monitored value per epoch, scripted: min_delta 0.1, patience 2. Epoch 2 gains 0.05
+# (too little: wait 1), epoch 3 gains 0.15 over the best (improved: wait 0), epochs 4 and 5
+# gain 0.05 and 0.07 over that best (waits 1, 2): the run stops after epoch 5. Counting
+# any gain, it would run all 8; patience off by one: 4 or 6; min and max swapped: 3.
+EARLY_STOP_SCRIPT = [1.0, 0.95, 0.85, 0.80, 0.78, 0.76, 0.74, 0.72]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stopping_needs_a_gain_above_min_delta_for_patience_epochs(tmp_path,
+                                                                         tiny_trainer, mode):
+    values = EARLY_STOP_SCRIPT if mode == "min" else [1.0 - v for v in EARLY_STOP_SCRIPT]
+
+    class ScriptedMetric(tiny_trainer):
+        def run_step(self, inputs):
+            outputs, loss = super().run_step(inputs)
+            return outputs, {"ce": loss, "score": torch.tensor(values[self.epoch])}
+
+    cfg = tiny_cfg(tmp_path, num_epochs=len(values), monitor="test/loss/score",
+                   monitor_mode=mode, early_stop_patience=2, early_stop_min_delta=0.1)
+    trainer = ScriptedMetric(cfg)
+    summary = trainer.run()
+    assert [e["test"]["loss/score"] for e in summary["history"]] == \
+        pytest.approx(values[:5])
+    assert summary["epochs"] == 5
+    stopper = next(c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping")
+    best = 0.85 if mode == "min" else 0.15
+    assert stopper.best == pytest.approx(best) and stopper.wait == 2
+    log = (trainer.run_dir / "train.log").read_text()
+    assert f"early stopping: test/loss/score has not improved for 2 epochs (best {best:.4f})" \
+        in log
 
 
 def test_tensorboard_events_read_back(tmp_path, tiny_trainer):
@@ -286,3 +311,98 @@ def test_epoch_end_state_is_saved_once(tmp_path, tiny_trainer):
     saves.clear()
     SaveSpy(tiny_cfg(tmp_path, run_name="two", num_epochs=2, save_steps=2), train_size=40).run()
     assert saves == [(0, 2, 2), (0, 4, 4), (1, 0, 5), (1, 1, 6), (1, 3, 8), (2, 0, 10)]
+
+
+def test_build_methods_run_in_the_readme_order(tmp_path, tiny_trainer):
+    """README's table: loaders, model, optimizer (over the plain, loaded model), criterion,
+    callbacks, each ``build_*(self, cfg)`` once."""
+    from torch import nn
+
+    calls = []
+
+    class OrderSpy(tiny_trainer):
+        def build_train_loader(self, cfg):
+            calls.append("train_loader")
+            return super().build_train_loader(cfg)
+
+        def build_test_loader(self, cfg):
+            calls.append("test_loader")
+            return super().build_test_loader(cfg)
+
+        def build_model(self, cfg):
+            calls.append("model")
+            return super().build_model(cfg)
+
+        def build_optimizer(self, cfg):
+            calls.append("optimizer")
+            assert isinstance(self.model, nn.Sequential)  # plain: not yet prepared / wrapped
+            return super().build_optimizer(cfg)
+
+        def build_criterion(self, cfg):
+            calls.append("criterion")
+            return super().build_criterion(cfg)
+
+        def build_callbacks(self, cfg):
+            calls.append("callbacks")
+            return super().build_callbacks(cfg)
+
+    OrderSpy(tiny_cfg(tmp_path, num_epochs=1))
+    assert calls == ["train_loader", "test_loader", "model", "optimizer", "criterion",
+                     "callbacks"]
+
+
+def test_progress_off_logs_every_log_freq_steps_and_epoch_lines(tmp_path, tiny_trainer):
+    """``progress: false``: a line every ``log_freq`` optimizer steps; each epoch's line ends
+    with the time per batch; the run ends with README's one line naming best and run dir."""
+    import re
+
+    trainer = tiny_trainer(tiny_cfg(tmp_path, num_epochs=3, log_freq=2, progress=False))
+    summary = trainer.run()  # 5 steps per epoch: global steps 1..15
+    log = (trainer.run_dir / "train.log").read_text().splitlines()
+    steps = [int(m.group(1)) for line in log if (m := re.search(r" step (\d+) batch ", line))]
+    assert steps == [2, 4, 6, 8, 10, 12, 14]
+    epoch_lines = [line for line in log if re.search(r" epoch \d/3  train_loss ", line)]
+    assert len(epoch_lines) == 3
+    assert all(re.search(r"  \d+ ms/batch$", line) for line in epoch_lines), epoch_lines
+    final = (f"best test top1 {summary['best']:.2f}% at epoch {summary['best_epoch']} of 3; "
+             f"run dir {trainer.run_dir}")
+    assert log[-1].endswith(final), log[-1]
+
+
+def test_lines_logged_before_the_run_dir_exists_reach_train_log(tmp_path, tiny_trainer):
+    """train.log holds everything printed, also what was logged before the run dir was
+    safe to create (the notes on ignored PBT keys and clamped values)."""
+    trainer = tiny_trainer(tiny_cfg(tmp_path, num_epochs=1, data_type="folder", num_warn_up=5))
+    log = (trainer.run_dir / "train.log").read_text()
+    assert "PBT key data_type: 'folder' is ignored" in log
+    assert "warm-up clamped to 1 epochs" in log
+
+
+def test_the_shuffle_changes_every_epoch_and_depends_only_on_the_seed(tmp_path, tiny_trainer):
+    orders = {}
+
+    class OrderRecorder(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_train_summary(self, inputs, outputs, losses, epoch, batch, logs):
+            orders.setdefault((self.name, epoch), []).extend(inputs[0][:, 0].tolist())
+
+    for name in ("a", "b"):
+        tiny_trainer(tiny_cfg(tmp_path, run_name=name, num_epochs=2), [OrderRecorder(name)]).run()
+    assert orders[("a", 0)] != orders[("a", 1)]  # set_epoch: another order each epoch
+    assert orders[("a", 0)] == orders[("b", 0)] and orders[("a", 1)] == orders[("b", 1)]
+
+
+def test_top5_is_recorded_from_five_classes_on(tmp_path, tiny_trainer):
+    from torch import nn
+
+    class FiveClasses(tiny_trainer):
+        def build_model(self, cfg):
+            self.num_classes, self.class_names = 5, ["a", "b", "c", "d", "e"]
+            return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    five = FiveClasses(tiny_cfg(tmp_path, run_name="five", num_epochs=1)).run()
+    four = tiny_trainer(tiny_cfg(tmp_path, run_name="four", num_epochs=1)).run()
+    assert "top5" in five["test"] and five["test"]["top5"] >= five["test"]["top1"]
+    assert "top5" not in four["test"]

@@ -89,6 +89,36 @@ def test_sweep_leaves_the_trainer_exactly_as_it_was(tmp_path, tiny_trainer):
     assert f"lr_find: suggested lr {suggestion:.3g} (steepest descent" in log
 
 
+def test_sweep_puts_back_pythons_and_numpys_global_rngs_too(tmp_path, tiny_trainer):
+    """A run_step that draws from Python's ``random`` and NumPy's global RNG at every step
+    (as user code and augmentations do): after the sweep both RNGs, and torch's, are
+    exactly where they were, so the training that follows draws what it would have."""
+    import random
+
+    import numpy as np
+
+    class Drawing(tiny_trainer):
+        draws = 0
+
+        def run_step(self, inputs):
+            x, y = inputs
+            self.draws += 1
+            noise = 0.01 * (random.random() + float(np.random.rand()))
+            outputs = self.model(x + noise)
+            return outputs, self.criterion(outputs, y)
+
+    trainer = Drawing(tiny_cfg(tmp_path, lr_find=True))
+    random.seed(7)
+    np.random.seed(7)
+    python, numpy, torch_rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    trainer.run()
+    assert trainer.draws > 10
+    assert random.getstate() == python
+    now = np.random.get_state()
+    assert now[0] == numpy[0] and np.array_equal(now[1], numpy[1]) and now[2:] == numpy[2:]
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+
+
 def test_a_diverging_sweep_stops_early_and_says_so(tmp_path, tiny_trainer):
     from pbt.lr_find import lr_find
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import ROOT, run_recipe, same_weights, tiny_cfg
 
-from pbt.callbacks import Callback
-from pbt.checkpoint import complete_states
+from pbt.callbacks import Callback, TrainingError
+from pbt.checkpoint import complete_states, state_problem
 
 SCRIPT = Path(__file__).parent / "train_tiny.py"
 BASE = ["--work_dir", "w", "--batch_size", "8", "--progress", "false", "--num_workers", "0",
@@ -186,6 +186,22 @@ def test_disk_full_in_a_save_is_one_message_and_resumes_exactly(tmp_path):
     assert same_weights(tmp_path / "w" / "straight" / "last.pth", run_dir / "last.pth")
 
 
+@pytest.mark.parametrize("limit,written", [("2000", "confusion_matrix.png"),
+                                           ("20000", "events.out.tfevents")])
+def test_disk_full_outside_a_save_names_the_file(tmp_path, limit, written):
+    """A full disk met by a report or TensorBoard (not a state save) names that file, not
+    the run dir, with the free space (and the bytes needed where pbt knows them)."""
+    full = tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", expect=75,
+                env={"PBT_FSIZE_AT": f"2,1,{limit}"})
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space to write" in lines[0], full.stderr
+    path = tmp_path / lines[0].split("'")[1]  # relative to the run's cwd
+    assert path.parent.is_dir() and path != tmp_path / "w" / "A" and written in path.name
+    assert "free on its filesystem" in lines[0]
+    if written.endswith(".png"):
+        assert "needed" in lines[0] and not (path.parent / (path.name + ".tmp")).exists()
+
+
 def test_paths_that_cannot_be_used_are_refused_before_training(tmp_path):
     for name in ("../outside", "/tmp/absolute", ".."):
         result = tiny(tmp_path, "--run_name", name, "--num_epochs", "1", expect=2)
@@ -271,26 +287,170 @@ def test_a_list_label_without_images_below_it_is_an_error(tmp_path):
     assert "3, 4, 5, 6 have no images" in message and "train.txt:16 uses label 7" in message
 
 
-def test_kill_at_every_write_of_a_save_resumes_exactly(tmp_path):
-    """SIGKILL just before each file of the epoch-2 save (from inside the save, not timed
-    from outside): the previous state is intact and the resumed run ends identical."""
-    tiny(tmp_path, "--run_name", "straight", "--num_epochs", "3")
-    # per epoch: a state (model.safetensors, optimizer.bin, random_states, pbt_rank_0,
-    # pbt_state) after the last.pth of ModelCheckpoint: writes 7..12 are epoch 2's
-    for write in (7, 9, 11):
-        name = f"k{write}"
-        tiny(tmp_path, "--run_name", name, "--num_epochs", "3", expect=-9,
-             env={"PBT_KILL_AT_WRITE": str(write)})
-        run_dir = tmp_path / "w" / name
-        assert [p.name for p in complete_states(run_dir)] == ["step-00000005"]
-        tiny(tmp_path, "--run_name", name, "--num_epochs", "3", "--resume", "auto")
-        assert same_weights(tmp_path / "w" / "straight" / "last.pth", run_dir / "last.pth")
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether two weights files hold the same epoch and bit-identical weights."""
+    epoch = [torch.load(path, weights_only=True)["epoch"] for path in (a, b)]
+    return epoch[0] == epoch[1] and same_weights(a, b)
+
+
+def assert_ends_as(straight: Path, run_dir: Path) -> None:
+    """A resumed run ends with the uninterrupted run's best.pth, last.pth and best epoch."""
+    for name in ("best.pth", "last.pth"):
+        assert (run_dir / name).is_file(), f"{name} is missing after the resume"
+        assert same_checkpoint(straight / name, run_dir / name), f"{name} differs"
+    best = [json.loads((d / "summary.json").read_text())["best_epoch"] for d in (straight, run_dir)]
+    assert best[0] == best[1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run (a state at each epoch end: steps 5, 10, 15)."""
+    cwd = tmp_path_factory.mktemp("straight")
+    tiny(cwd, "--run_name", "straight", "--num_epochs", "3")
+    return cwd / "w" / "straight"
+
+
+@pytest.mark.parametrize("after_state", [1, 3])
+def test_a_kill_right_after_a_state_on_a_slow_disk_keeps_best_and_last(tmp_path, straight_run,
+                                                                      after_state):
+    """best.pth / last.pth are written in the background while the state is saved; on a
+    slow disk (every .pth rename waits 2 s) a SIGKILL right after the state is complete must
+    find the files that state names on disk, and the resumed run ends as the straight one."""
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", expect=-9,
+         env={"PBT_SLOW_DISK": "2", "PBT_KILL_AFTER_STATE": str(after_state)})
+    run_dir = tmp_path / "w" / "A"
+    state = complete_states(run_dir)[-1]
+    best_epoch = torch.load(state / "pbt_rank_0.pt", weights_only=True)[
+        "callbacks"]["ModelCheckpoint#0"]["best_epoch"]
+    assert torch.load(run_dir / "best.pth", weights_only=True)["epoch"] == best_epoch
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == after_state
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--resume", "auto")
+    assert_ends_as(straight_run, run_dir)
+
+
+KILL_POINTS = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "pbt_rank_0.pt",
+               "pbt_state.pt", "pbt-complete", "rename", "rotate")
+QUICK = {(1, "model.safetensors"), (2, "pbt-complete"), (1, "rotate")}
+
+
+@pytest.mark.parametrize("keep,point", [
+    pytest.param(keep, point, marks=[] if (keep, point) in QUICK else pytest.mark.slow)
+    for keep in (1, 2) for point in KILL_POINTS])
+def test_a_kill_at_each_write_of_a_state_save_loses_nothing(tmp_path, straight_run, keep, point):
+    """SIGKILL just before each write of a state save (from inside the save, not timed from
+    outside: each file, the completion mark, the move into place, the removal of an older
+    state), with keep_checkpoints 1 and 2: a complete state is always left (the save's own
+    or the one before it), every state left verifies, and the resumed run ends as the
+    straight one (best.pth, last.pth, best epoch)."""
+    number = 1 if point == "rotate" else 2  # the first rotation, or the epoch-2 save
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--keep_checkpoints", str(keep),
+         expect=-9, env={"PBT_KILL_AT": f"{point},{number}"})
+    run_dir = tmp_path / "w" / "A"
+    states = complete_states(run_dir)
+    saves_before = keep if point == "rotate" else 1  # complete before the killed save began
+    assert states, "no complete state left: an older state was removed before the new one"
+    assert int(states[-1].name.removeprefix("step-")) >= 5 * saves_before
+    assert [state_problem(s) for s in states] == [None] * len(states)
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--keep_checkpoints", str(keep),
+         "--resume", "auto")
+    assert_ends_as(straight_run, run_dir)
 
 
 def test_fault_matrix_smoke(tmp_path):
     """bench/faults.py runs (a few faults here; the README's figures use more)."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "faults.py"), "--kills", "2",
-                             "--disk_full", "1", "--corrupt", "1", "--work", str(tmp_path)],
+                             "--disk_full", "1", "--corrupt", "1", "--slow_disk", "1",
+                             "--no_points", "--work", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "faults tried 4 / resumed to identical weights 4 / data lost 0" in result.stdout
+    assert "faults tried 5 / resumed to identical best and last 5 / data lost 0" in result.stdout
+
+
+def test_a_state_changed_at_the_same_size_fails_its_checksum_and_is_skipped(tmp_path):
+    """One weight byte flipped (the file keeps its size and still loads): only the SHA-256
+    in the completion mark shows it, and resume falls back to the previous state."""
+    from safetensors.torch import load_file
+
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", expect=-9,
+         env={"PBT_SIGNAL_AT": "3,2,KILL"})
+    run_dir = tmp_path / "w" / "A"
+    good, newest = complete_states(run_dir)[-2:]
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    load_file(str(weights))  # still a valid file: the size check alone would take it
+    resumed = tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--resume", "auto")
+    assert f"skipped {newest.name}: model.safetensors does not match the checksum" \
+        in resumed.stdout, resumed.stdout
+    assert f"resumed from {good.relative_to(tmp_path)}" in resumed.stdout
+
+
+def nan_test_loss_trainer(tiny_trainer, nan_epoch: int, watch: bool = True):
+    """The tiny trainer whose test pass gives a NaN loss in epoch ``nan_epoch`` (0-based);
+    without ``watch`` its callbacks leave TerminateOnNaN out."""
+
+    class NanTestLoss(tiny_trainer):
+        def run_step(self, inputs):
+            outputs, loss = super().run_step(inputs)
+            if not self.model.training and self.epoch == nan_epoch:
+                loss = loss * float("nan")
+            return outputs, loss
+
+        def build_callbacks(self, cfg):
+            return [c for c in super().build_callbacks(cfg)
+                    if watch or type(c).__name__ != "TerminateOnNaN"]
+
+    return NanTestLoss
+
+
+def test_a_nan_test_loss_stops_before_its_epoch_is_saved(tmp_path, tiny_trainer):
+    trainer = nan_test_loss_trainer(tiny_trainer, nan_epoch=1)(tiny_cfg(tmp_path))
+    with pytest.raises(TrainingError, match=r"non-finite test loss \(nan\) at epoch 2"):
+        trainer.run()
+    run_dir = trainer.run_dir
+    for name in ("best.pth", "last.pth"):
+        assert torch.load(run_dir / name, weights_only=True)["epoch"] == 1
+    assert [p.name for p in complete_states(run_dir)] == ["step-00000005"]
+    assert "non-finite test loss" in (run_dir / "train.log").read_text()
+
+
+def test_a_nan_metric_is_never_the_best(tmp_path, tiny_trainer):
+    """Without TerminateOnNaN, a NaN monitored metric in epoch 1 is neither saved as
+    best.pth nor the bar later epochs must beat."""
+    cls = nan_test_loss_trainer(tiny_trainer, nan_epoch=0, watch=False)
+    summary = cls(tiny_cfg(tmp_path, monitor="test/loss")).run()
+    best = torch.load(Path(summary["run_dir"]) / "best.pth", weights_only=True)
+    assert summary["best_epoch"] == best["epoch"] != 1
+    assert best["metric"] == min(e["test"]["loss"] for e in summary["history"][1:])
+
+
+def test_a_pickle_that_is_no_checkpoint_is_one_line_without_torch_warnings(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
+    refused = tiny(tmp_path, "--run_name", "A", "--model_file", str(path), expect=2)
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain.pkl" in lines[0] and "Warning" not in refused.stderr
+    assert not (tmp_path / "w" / "A").exists()
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_state(tmp_path, straight_run):
+    """A kill inside the first state save leaves a run dir with files but nothing to resume:
+    the same command with --resume auto starts that run afresh there (it used to refuse
+    with "already holds a run" right after saying it starts fresh); a folder that is not
+    a pbt run is still never reused."""
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", expect=-9,
+         env={"PBT_KILL_AT": "pbt_state.pt,1"})
+    run_dir = tmp_path / "w" / "A"
+    assert (run_dir / "config.yaml").is_file() and not complete_states(run_dir)
+    resumed = tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--resume", "auto")
+    assert "holds no complete state" in resumed.stdout and "already holds" not in resumed.stderr
+    assert_ends_as(straight_run, run_dir)
+    foreign = tmp_path / "w" / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my own file")
+    refused = tiny(tmp_path, "--run_name", "mine", "--resume", "auto", expect=2)
+    assert "already holds a run" in refused.stderr
+    assert (foreign / "notes.txt").read_text() == "my own file"

@@ -187,3 +187,15 @@ def test_pbt_style_trainer(tmp_path):
 def test_ignored_pbt_keys_are_named_with_the_reason(key):
     cfg = load_config([f"--{key}", "x"])
     assert any(note.startswith(f"PBT key {key}") and "ignored" in note for note in cfg.notes)
+
+
+def test_launch_takes_pbts_arguments():
+    """PBT's ``launch(main, num_gpus_per_machine=..., dist_url=..., args=(cfg,))``: the
+    config comes from ``args``, the process count from pbt's keys (here: one, on CPU)."""
+    from pbt.launch import launch
+
+    cfg = load_config([], lr=0.3, gpu_id=[0])
+    seen = []
+    result = launch(lambda c: seen.append(c) or "done", num_gpus_per_machine=1, num_machines=1,
+                    machine_rank=0, dist_url="auto", args=(cfg,))
+    assert result == "done" and seen == [cfg] and seen[0].lr == 0.3

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import require, run_recipe, tiny_cfg
+from conftest import require, run_recipe, same_weights, tiny_cfg
 
 from pbt.callbacks import Callback
 from pbt.models import build_model
@@ -87,9 +87,13 @@ def test_optimizer_is_built_on_the_pruned_model(tmp_path, tiny_trainer):
 def test_prune_finetune_report_reload_and_export(trained):
     cwd = trained
     model_file = cwd / "w" / "base" / "last.pth"
-    result = run_recipe([*SMALL, "--run_name", "pruned", "--num_epochs", "1", "--use_prune",
-                         "true", "--prune_method", "l1", "--prune_ratio", "0.5",
-                         "--model_file", str(model_file), "--save_steps", "5"], cwd=cwd)
+    # multi-step: the lr is a function of the step alone, so the 1-epoch run resumed for a
+    # second epoch below is step for step the uninterrupted 2-epoch run (a cosine's curve
+    # would follow the new length)
+    prune = ["--use_prune", "true", "--prune_method", "l1", "--prune_ratio", "0.5",
+             "--model_file", str(model_file), "--scheduler", "multi-step"]
+    result = run_recipe([*SMALL, "--run_name", "pruned", "--num_epochs", "1", *prune,
+                         "--save_steps", "5"], cwd=cwd)
     assert result.returncode == 0, result.stderr
     run_dir = cwd / "w" / "pruned"
     report = json.loads((run_dir / "prune_report.json").read_text())
@@ -115,20 +119,122 @@ def test_prune_finetune_report_reload_and_export(trained):
     checked = json.loads((cwd / "w" / "check" / "summary.json").read_text())
     assert checked["history"][0]["test"]["correct"] == best_entry["test"]["correct"]
 
-    # resume of a pruned run rebuilds the structure from the saved history
-    resumed = run_recipe([*SMALL, "--run_name", "pruned", "--num_epochs", "2", "--use_prune",
-                          "true", "--model_file", str(model_file), "--resume", str(run_dir)],
-                         cwd=cwd)
+    # resume of a pruned run rebuilds the structure from the saved history and ends with
+    # exactly the weights of the same pruned run trained for 2 epochs without a stop
+    resumed = run_recipe([*SMALL, "--run_name", "pruned", "--num_epochs", "2", *prune,
+                          "--resume", str(run_dir)], cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "pruned (" not in resumed.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    straight = run_recipe([*SMALL, "--run_name", "pruned_straight", "--num_epochs", "2",
+                           *prune], cwd=cwd)
+    assert straight.returncode == 0, straight.stderr
+    assert same_weights(cwd / "w" / "pruned_straight" / "last.pth", run_dir / "last.pth")
+    history = json.loads((run_dir / "summary.json").read_text())["history"]
+    assert len(history) == 2
+    assert history == json.loads((cwd / "w" / "pruned_straight" / "summary.json")
+                                 .read_text())["history"]
 
-    require("onnxruntime")
+    assert_export_holds_the_pruned_net(run_dir, model_file, cwd / "w" / "digits" / "test",
+                                       cwd / "export")
+
+
+def _conv_shapes(model: torch.nn.Module) -> list[list[int]]:
+    return sorted(list(m.weight.shape) for m in model.modules()
+                  if isinstance(m, torch.nn.Conv2d))
+
+
+def assert_export_holds_the_pruned_net(run_dir, model_file, test_dir, out) -> None:
+    """``python -m pbt.export`` of a pruned run: its ONNX file has the pruned channel counts
+    (the initializer shapes), gives the pruned PyTorch net's logits on the run's own test
+    images (1e-4), and its report holds the unpruned start beside it, bigger."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    import yaml
+
+    from pbt.data import build_dataset, build_transforms
+
     export = subprocess.run([sys.executable, "-m", "pbt.export", str(run_dir), "--onnx",
-                             str(cwd / "pruned.onnx")], capture_output=True, text=True,
-                            timeout=300)
+                             str(out / "pruned.onnx"), "--runs", "3"], capture_output=True,
+                            text=True, timeout=300)
     assert export.returncode == 0, export.stderr
-    assert "max abs diff" in export.stdout.lower() or "max_abs_diff" in export.stdout
+    report = json.loads((out / "deploy_report.json").read_text())
+    assert report["checkpoint"] == str(run_dir / "best.pth") and report["pruned"] is True
+
+    # the pruned net, rebuilt here from its checkpoint (not by pbt.export)
+    saved = torch.load(run_dir / "best.pth", weights_only=True)
+    pruned = build_model("resnet18", saved["num_classes"])
+    apply_prune_history(pruned, torch.randn(1, 3, 16, 16), saved["prune_history"])
+    pruned.load_state_dict(saved["model"])
+    pruned.eval()
+    unpruned = build_model("resnet18", saved["num_classes"])
+    unpruned.load_state_dict(torch.load(model_file, weights_only=True)["model"])
+
+    graph = onnx.load(str(out / "pruned.onnx")).graph
+    dims = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
+    onnx_convs = sorted(dims[node.input[1]] for node in graph.node if node.op_type == "Conv")
+    assert onnx_convs == _conv_shapes(pruned)
+    assert onnx_convs != _conv_shapes(unpruned) and [32, 32, 3, 3] in onnx_convs  # 64 -> 32
+    (head,) = [dims[node.input[1]] for node in graph.node if node.op_type == "Gemm"]
+    assert head == list(pruned.fc.weight.shape)
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    test = build_dataset(str(test_dir), build_transforms([16, 16], cfg["rgb_mean"],
+                                                         cfg["rgb_std"], train=False))
+    images = torch.stack([test[index][0] for index in range(len(test))])
+    session = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = pruned(images)
+    got = torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
+    assert len(images) == report["test_data"]["images"] and expected.abs().max() > 1
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["torch fp32 (unpruned)", "onnx fp32 (unpruned)",
+                          "torch fp32 (pruned)", "onnx fp32 (pruned)"]
+    assert rows["torch fp32 (unpruned)"]["file"] == str(model_file)
+    assert rows["onnx fp32 (pruned)"]["file"] == str(out / "pruned.onnx")
+    for form in ("torch", "onnx"):
+        small, big = rows[f"{form} fp32 (pruned)"], rows[f"{form} fp32 (unpruned)"]
+        assert small["params"] == sum(p.numel() for p in pruned.parameters())
+        assert big["params"] == sum(p.numel() for p in unpruned.parameters())
+        assert big["params"] > 2 * small["params"] and big["macs"] > 2 * small["macs"] > 0
+    accuracy = 100 * float((expected.argmax(1) == torch.tensor(test.targets)).float().mean())
+    assert rows["onnx fp32 (pruned)"]["top1"] == pytest.approx(accuracy)
+
+
+class StartWeights(Callback):
+    """The model's state_dict at ``on_train_begin``: what the run starts training from."""
+
+    def on_train_begin(self, logs):
+        self.values = {k: v.detach().clone()
+                       for k, v in self.trainer.unwrapped_model.state_dict().items()}
+
+
+def test_a_pruned_runs_best_pth_starts_a_new_run(tmp_path, tiny_trainer):
+    """``model_file`` of a pruned run's best.pth, with and without ``finetune: true``: the
+    new run rebuilds the pruned net from the file's history, starts from exactly the file's
+    weights (every parameter and buffer, at its pruned shape), trains them, and its own
+    files carry the history on."""
+    tiny_trainer(tiny_cfg(tmp_path, run_name="pruned", use_prune=True, prune_ratio=0.5,
+                          num_epochs=1)).run()
+    best = tmp_path / "work" / "pruned" / "best.pth"
+    saved = torch.load(best, weights_only=True)
+    assert saved["prune_history"] and saved["model"]["0.weight"].shape == (8, 8)  # 16 -> 8
+    for name, finetune in (("from_file", False), ("finetuned", True)):
+        start = StartWeights()
+        tiny_trainer(tiny_cfg(tmp_path, run_name=name, model_file=str(best), finetune=finetune,
+                              num_epochs=1), [start]).run()
+        run_dir = tmp_path / "work" / name
+        shapes = {k: v.shape for k, v in saved["model"].items()}
+        assert {k: v.shape for k, v in start.values.items()} == shapes, name
+        assert all(torch.equal(start.values[k], saved["model"][k]) for k in shapes), name
+        log = (run_dir / "train.log").read_text()
+        assert f"loaded weights from {best}" in log and "skipped" not in log, name
+        assert not (run_dir / "prune_report.json").exists()  # rebuilt, not pruned again
+        final = torch.load(run_dir / "last.pth", weights_only=True)
+        assert final["prune_history"] == saved["prune_history"], name
+        assert {k: v.shape for k, v in final["model"].items()} == shapes
+        assert not torch.equal(final["model"]["0.weight"], saved["model"]["0.weight"]), name
 
 
 def test_slim_after_sparsity_training(trained):

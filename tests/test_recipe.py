@@ -133,3 +133,49 @@ def test_import_pbt_is_quiet_cheap_and_side_effect_free():
                             timeout=120, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]" and result.stderr == ""
+
+
+def test_best_pth_holds_what_readme_lists(digits_run):
+    """README, "The run directory": a plain dict that loads with weights_only=True, the
+    unwrapped model's weights and what rebuilds the network."""
+    cwd, _ = digits_run
+    run_dir = cwd / "w" / "digits"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert not any(key.startswith("module.") for key in best["model"])
+    assert best["net_type"] == "resnet18" and best["num_classes"] == 10
+    assert best["class_names"] == [str(i) for i in range(10)]
+    assert best["input_size"] == [16, 16] and best["width_mult"] == 1.0
+    assert best["epoch"] == summary["best_epoch"] and best["metric"] == summary["best"]
+    assert best["global_step"] == summary["history"][summary["best_epoch"] - 1]["global_step"]
+    assert best["weights"] == "trained" and "prune_history" not in best
+    from pbt.models import build_model
+
+    build_model(best["net_type"], best["num_classes"]).load_state_dict(best["model"])
+
+
+def test_generated_run_name_is_net_w_h_loss_flag_time(tmp_path):
+    """README: ``<net_type>_<W>_<H>_<loss_type>[_<flag>]_<timestamp>`` (input_size is [W, H])."""
+    import re
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    try:
+        from classification import KEYS, ClassificationTrainer
+    finally:
+        sys.path.pop(0)
+    from pbt.config import load_config
+
+    cfg = load_config(["--input_size", "48", "32", "--loss_type", "focalloss", "--flag", "x",
+                       "--net_type", "mobilenet_v2"], keys=KEYS)
+    assert ClassificationTrainer.run_name_parts(None, cfg) == ["mobilenet_v2", "48", "32",
+                                                               "FocalLoss"]
+    from pbt.engine import EngineTrainer
+
+    class Named(EngineTrainer):  # the engine joins the recipe's parts, flag and time
+        def run_name_parts(self, cfg):
+            return ClassificationTrainer.run_name_parts(self, cfg)
+
+    cfg.work_dir = str(tmp_path / "w")
+    trainer = Named(cfg)
+    assert re.fullmatch(r"mobilenet_v2_48_32_FocalLoss_x_\d{8}-\d{6}", trainer.run_dir.name)
+    trainer.run_lock.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 import torch
 from conftest import run_recipe, tiny_cfg
 
+from pbt.callbacks import Callback
 from pbt.checkpoint import complete_states
-from pbt.config import ConfigError
+from pbt.config import ConfigError, Key, load_config
 
 SCRIPT = Path(__file__).parent / "train_tiny.py"
 BASE = ["--num_epochs", "3", "--batch_size", "8", "--progress", "false", "--lr", "0.05",
@@ -186,3 +188,90 @@ def test_finetune_from_pbt_style_file_with_other_classes(tmp_path, tiny_trainer)
     log = (tmp_path / "work" / "tiny" / "train.log").read_text()
     assert "skipped 2 keys" in log and "4.weight" in log and "4.bias" in log
     trainer.run()
+
+
+# -- what a resume may change ---------------------------------------------------------------
+class StepLRs(Callback):
+    """The lr each optimizer step used (the schedule sets it before the step)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_batch_end(self, batch, logs):
+        self.lrs.append(self.trainer.lr)
+
+
+def cosine_lr(step: int, total: int, lr: float = 0.05, warm_up: int = 5) -> float:
+    """README's cosine with warm-up: from lr / W at step 1 up to lr at step W (= 5, one
+    epoch of the tiny trainer), then half a cosine down to min_lr = lr / 100 at the last
+    step of the run."""
+    if step <= warm_up:
+        return lr * step / warm_up
+    progress = (step - 1 - warm_up) / (total - 1 - warm_up)
+    return lr / 100 + (lr - lr / 100) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def test_num_epochs_changed_on_resume_reshapes_the_cosine_from_there_on(tmp_path,
+                                                                       tiny_trainer):
+    """README: a changed num_epochs extends or shortens the run; with a cosine schedule the
+    curve follows the new length from that step on. 5 steps an epoch: 2 epochs, resumed for
+    4 (steps 11-20 on the 20-step curve), then its mid-epoch state at step 12 resumed for 3
+    (steps 13-15 on the 15-step curve, ending at min_lr)."""
+    options = dict(scheduler="cosine", num_warn_up=1, save_steps=2, keep_checkpoints=20)
+    run_dir = tmp_path / "work" / "tiny"
+    first = StepLRs()
+    two = tiny_trainer(tiny_cfg(tmp_path, num_epochs=2, **options), [first]).run()
+    assert first.lrs == pytest.approx([cosine_lr(s, 10) for s in range(1, 11)], rel=1e-12)
+
+    extended = StepLRs()
+    four = tiny_trainer(tiny_cfg(tmp_path, num_epochs=4, resume=str(run_dir), **options),
+                        [extended]).run()
+    assert extended.lrs == pytest.approx([cosine_lr(s, 20) for s in range(11, 21)], rel=1e-12)
+    assert extended.lrs[-1] == pytest.approx(0.05 / 100, rel=1e-12)
+    assert four["epochs"] == 4 and four["global_step"] == 20
+    assert four["history"][:2] == two["history"]  # the epochs before the resume, as they were
+    assert [entry["lr"] for entry in four["history"][2:]] == extended.lrs[4::5]
+    log = (run_dir / "train.log").read_text()
+    assert "resume: num_epochs 2 → 4 (applied)" in log
+    assert "num_epochs: 4" in (run_dir / "config.yaml").read_text().splitlines()
+
+    shortened = StepLRs()
+    state = run_dir / "checkpoints" / "step-00000012"
+    three = tiny_trainer(tiny_cfg(tmp_path, num_epochs=3, resume=str(state), **options),
+                         [shortened]).run()
+    assert shortened.lrs == pytest.approx([cosine_lr(s, 15) for s in range(13, 16)], rel=1e-12)
+    assert shortened.lrs[-1] == pytest.approx(0.05 / 100, rel=1e-12)
+    assert three["epochs"] == 3 and three["global_step"] == 15
+    assert three["history"][:2] == two["history"]
+    assert "resume: num_epochs 4 → 3 (applied)" in (run_dir / "train.log").read_text()
+
+
+SCRIPT_KEYS = [Key("noise", float, 0.0, "input noise (changes the data: not safe)"),
+               Key("note", str, "", "a remark for the log", safe_on_resume=True)]
+
+
+def test_a_scripts_own_key_changed_on_resume_is_refused_unless_declared_safe(tmp_path,
+                                                                              tiny_trainer):
+    """README: a script's own keys are refused when they change on resume, unless declared
+    with ``safe_on_resume=True``; a refused resume changes nothing on disk."""
+    base = dict(work_dir=str(tmp_path / "work"), run_name="keys", batch_size=8, lr=0.05,
+                num_workers=0, progress=False, milestones=[2])
+
+    def cfg(**values):
+        return load_config([], keys=SCRIPT_KEYS, **base, **values)
+
+    tiny_trainer(cfg(num_epochs=1, noise=0.25, note="first")).run()
+    run_dir = tmp_path / "work" / "keys"
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        tiny_trainer(cfg(num_epochs=2, noise=0.5, note="first", resume=str(run_dir)))
+    message = str(err.value)
+    assert "noise 0.25 → 0.5" in message and "note" not in message.split("Keys that may")[0]
+    assert "note" in message.split("Keys that may change on resume:")[1]  # listed as safe
+    assert snapshot(tmp_path) == before
+
+    summary = tiny_trainer(cfg(num_epochs=2, noise=0.25, note="second",
+                               resume=str(run_dir))).run()
+    assert summary["epochs"] == 2
+    assert "resume: note 'first' → 'second' (applied)" in (run_dir / "train.log").read_text()
+    assert "note: second" in (run_dir / "config.yaml").read_text().splitlines()

@@ -96,16 +96,39 @@ def test_mixup_needs_a_loss_of_class_probabilities(tmp_path, tiny_trainer):
     assert not [p for p in run_dir.glob("*") if p.name != ".pbt.lock"]
 
 
-def test_ema_and_mixup_resume_exactly_after_sigkill(tmp_path):
+def mix_kinds(folder) -> list[tuple[int, int, str]]:
+    """``(epoch, batch, kind)`` per training batch, as tests/train_tiny.py's PBT_MIX_LOG
+    recorded them (rank 0)."""
+    lines = (folder / "mix_rank0.txt").read_text().split("\n")
+    return [(int(e), int(b), kind) for e, b, kind in (line.split() for line in lines if line)]
+
+
+def test_ema_and_mixup_resume_exactly_after_sigkill(tmp_path, monkeypatch):
+    """EMA with mixup and CutMix both on (each mixed batch picks one), on 2x4x4 images so
+    CutMix has boxes to paste; killed mid-epoch, resumed bit-identically."""
     args = ["--num_workers", "0", "--ema_decay", "0.9", "--mixup_alpha", "0.4",
-            "--cutmix_alpha", "0", "--mix_off_epochs", "1"]
+            "--cutmix_alpha", "1.0", "--mix_off_epochs", "1"]
+    monkeypatch.setenv("PBT_TINY_IMAGES", "1")
+    logs = {name: tmp_path / f"mix_{name}" for name in ("straight", "crashed", "resumed")}
+    for folder in logs.values():
+        folder.mkdir()
+    monkeypatch.setenv("PBT_MIX_LOG", str(logs["straight"]))
     train_tiny(tmp_path, "--run_name", "straight", *args)
+    monkeypatch.setenv("PBT_MIX_LOG", str(logs["crashed"]))
     train_tiny(tmp_path, "--run_name", "crashed", "--save_steps", "2", *args,
                signal_at="2,3,KILL", expect=-9)
     run_dir = tmp_path / "w" / "crashed"
+    monkeypatch.setenv("PBT_MIX_LOG", str(logs["resumed"]))
     train_tiny(tmp_path, "--run_name", "crashed", "--save_steps", "2", "--resume",
                str(run_dir), *args)
     assert_same_run(tmp_path / "w" / "straight", run_dir)
+    # the resumed run went on from the state of step 6 (epoch 2, batch 1) and mixed its
+    # batches as the uninterrupted run did; both kinds really happened after the resume
+    straight, resumed = mix_kinds(logs["straight"]), mix_kinds(logs["resumed"])
+    assert [(e, b) for e, b, _ in straight] == [(e, b) for e in range(3) for b in range(5)]
+    assert resumed == straight[6:]
+    assert {"mixup", "cutmix"} <= {kind for _, _, kind in resumed}
+    assert {kind for e, _, kind in straight if e == 2} == {"none"}  # mix_off_epochs 1
     assert torch.load(run_dir / "last.pth", weights_only=True)["weights"] == "ema"
     history = json.loads((run_dir / "summary.json").read_text())["history"]
     # train accuracy only where the targets were labels: the last (unmixed) epoch
@@ -213,19 +236,104 @@ def test_summary_history_csv_and_confusion_matrix_image(tmp_path, tiny_trainer):
 
 
 # -- augmentation presets ------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["randaugment", "light+trivialaugment", "none+autoaugment",
-                                    "light+colorjitter+erasing", "train"])
-def test_augmentation_presets_are_seeded_per_sample(preset):
-    recipe = recipe_module()
-    options = recipe.transform_options(preset)
-    transform = build_transforms([24, 20], [0.5] * 3, [0.5] * 3, train=True, **options)
-    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
-    outputs = []
-    for seed in (7, 7, 8):
-        torch.manual_seed(seed)
-        outputs.append(transform(image))
-    assert outputs[0].shape == (3, 20, 24) and outputs[0].dtype == torch.float32
-    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+# preset -> (its base, the op the addition puts in the pipeline)
+PRESET_OPS = {
+    "randaugment": ("default", "RandAugment"),
+    "light+trivialaugment": ("light", "TrivialAugmentWide"),
+    "none+autoaugment": ("none", "AutoAugment"),
+    "train+colorjitter": ("train", "ColorJitter"),
+    "light+erasing": ("light", "RandomErasing"),
+}
+PRESET_SAMPLES = 16
+
+
+@pytest.fixture(scope="module")
+def preset_images(tmp_path_factory):
+    """An ImageFolder of 16 40x40 RGB PNGs (gradients plus noise), two classes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("presets")
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:40, 0:40]
+    for i in range(PRESET_SAMPLES):
+        pixels = np.stack([(x * 6 + i * 10) % 256, (y * 6) % 256, ((x + y) * 3) % 256], -1)
+        pixels = np.clip(pixels + rng.integers(0, 40, pixels.shape), 0, 255)
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"c{i % 2}" / f"{i:02d}.png")
+    return root
+
+
+def preset_transform(preset: str):
+    options = recipe_module().transform_options(preset)
+    return build_transforms([24, 20], [0.5] * 3, [0.5] * 3, train=True, **options)
+
+
+def op_names(transform) -> list[str]:
+    """The class names of a pipeline's steps, nested Compose included."""
+    steps = getattr(transform, "transforms", None)
+    if steps is None:
+        return [type(transform).__name__]
+    return [name for step in steps for name in op_names(step)]
+
+
+def load_epoch(preset: str, root, seed: int = 3, epoch: int = 0, shuffle: bool = False,
+               workers: int = 0) -> torch.Tensor:
+    """Every sample of one epoch, in sample order, through the recipe's path: its preset,
+    build_dataset and pbt's loader, whose SeededDataset seeds each sample's draws from
+    (seed, epoch, index)."""
+    from pbt.data import build_dataloader, build_dataset
+
+    dataset = build_dataset(str(root), preset_transform(preset))
+    loader = build_dataloader(dataset, 4, workers, seed, shuffle)
+    loader.sampler.set_epoch(epoch)
+    order = list(loader.sampler.sampler)  # the sample order of this epoch
+    loaded = torch.cat([images for images, _ in loader])
+    by_sample = torch.empty_like(loaded)
+    by_sample[torch.tensor(order)] = loaded
+    return by_sample
+
+
+@pytest.mark.parametrize("preset", list(PRESET_OPS))
+def test_each_augmentation_preset_runs_its_op(preset, preset_images):
+    """The named op is in the pipeline, after the base's own steps, and changes the image:
+    the same sample, seed and epoch through the base preset alone (same crop and flip
+    draws, which come first) gives another output."""
+    base, op = PRESET_OPS[preset]
+    names = op_names(preset_transform(preset))
+    assert names.count(op) == 1, names
+    names.remove(op)
+    assert names == op_names(preset_transform(base))
+    out, ref = load_epoch(preset, preset_images), load_epoch(base, preset_images)
+    assert out.shape == (PRESET_SAMPLES, 3, 20, 24) and out.dtype == torch.float32
+    changed = [i for i in range(PRESET_SAMPLES) if not torch.equal(out[i], ref[i])]
+    if op == "ColorJitter":  # brightness, contrast, saturation 0.4 always act
+        assert len(changed) == PRESET_SAMPLES
+    elif op == "RandomErasing":  # p 0.25: some samples, each a box of the mean colour (0)
+        assert 1 <= len(changed) < PRESET_SAMPLES
+        for i in changed:
+            rows, cols = (out[i] != ref[i]).any(0).nonzero(as_tuple=True)
+            box = out[i][:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert torch.equal(box, torch.zeros_like(box))
+            outside = torch.ones(20, 24, dtype=torch.bool)
+            outside[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = False
+            assert torch.equal(out[i][:, outside], ref[i][:, outside])
+    else:  # a policy may draw an identity op now and then, not for most samples
+        assert len(changed) >= PRESET_SAMPLES * 3 // 4, changed
+
+
+@pytest.mark.parametrize("preset", [*PRESET_OPS, "light+trivialaugment+erasing"])
+def test_augmentation_presets_are_seeded_per_sample(preset, preset_images):
+    """A sample's draws follow from (seed, epoch, index) alone, as pbt's loader seeds them:
+    not from torch's global seed, nor the order samples are loaded in, nor the process
+    (worker) that loads them; another seed or epoch draws anew."""
+    torch.manual_seed(1)
+    first = load_epoch(preset, preset_images)
+    torch.manual_seed(2)
+    assert torch.equal(load_epoch(preset, preset_images), first)
+    assert torch.equal(load_epoch(preset, preset_images, shuffle=True, workers=2), first)
+    assert not torch.equal(load_epoch(preset, preset_images, seed=4), first)
+    assert not torch.equal(load_epoch(preset, preset_images, epoch=1), first)
 
 
 def test_augmentation_preset_names_are_checked():
