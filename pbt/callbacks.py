@@ -151,6 +151,19 @@ class _Mean:
         return None if pair[1] == 0 else float(pair[0] / pair[1])
 
 
+def sum_losses(losses: Any) -> Any:
+    """The total loss the engine backpropagates: a tensor, or the sum of a list or dict."""
+    import torch
+
+    if torch.is_tensor(losses):
+        return losses
+    if isinstance(losses, dict):
+        losses = list(losses.values())
+    if isinstance(losses, (list, tuple)) and losses:
+        return torch.stack([sum_losses(item) for item in losses]).sum()
+    raise TypeError(f"run_step must return losses as a tensor, list or dict, got {losses!r}")
+
+
 def padding_free_count(accelerator: Any, inputs: Any) -> int | None:
     """Under DDP the last test batch of a process may end with repeats of the first samples
     (Accelerate gives every process as many batches of the same size); how many samples of
@@ -211,8 +224,6 @@ class LossesRecorder(Callback):
         # the batch ends with repeats, and its losses are means over them: the losses of the
         # real samples alone. Every process runs this forward (DDP syncs buffers in each).
         from accelerate.utils import slice_tensors
-
-        from pbt.engine import sum_losses
 
         head = slice_tensors(inputs, slice(0, real)) if real else inputs
         head_losses = self.trainer.run_step(head)[1]

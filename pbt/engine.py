@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pbt.callbacks import Callback, TrainingError, summarize
+from pbt.callbacks import Callback, TrainingError, sum_losses, summarize
 from pbt.checkpoint import (
     load_initial_weights,
     out_of_space,
@@ -35,17 +35,6 @@ from pbt.launch import Preempted, accelerator_settings, setup_logging, stop_on_s
 from pbt.rundir import open_run_dir, resolve_run_dir
 
 logger = logging.getLogger("pbt")
-
-
-def sum_losses(losses: torch.Tensor | list | tuple | dict) -> torch.Tensor:
-    """The total loss the engine backpropagates: a tensor, or the sum of a list or dict."""
-    if torch.is_tensor(losses):
-        return losses
-    if isinstance(losses, dict):
-        losses = list(losses.values())
-    if isinstance(losses, (list, tuple)) and losses:
-        return torch.stack([sum_losses(item) for item in losses]).sum()
-    raise TypeError(f"run_step must return losses as a tensor, list or dict, got {losses!r}")
 
 
 def compile_model(model: nn.Module, mode: str, log: Callable[[str], None]) -> None:

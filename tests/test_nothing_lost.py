@@ -454,3 +454,66 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_state(tmp_path, stra
     refused = tiny(tmp_path, "--run_name", "mine", "--resume", "auto", expect=2)
     assert "already holds a run" in refused.stderr
     assert (foreign / "notes.txt").read_text() == "my own file"
+
+
+def test_every_file_a_run_writes_passes_its_formats_own_reader(straight_run):
+    """Each file of a finished run dir is read back by its format's own strict reader."""
+    import csv
+
+    import yaml
+    from PIL import Image
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checked = set()
+    for path in sorted(p for p in straight_run.rglob("*") if p.is_file()):
+        suffix = path.suffix or path.name
+        if path.name == ".pbt.lock":
+            continue
+        if suffix in (".json", "pbt-complete"):
+            json.loads(path.read_text())
+        elif suffix == ".yaml":
+            assert isinstance(yaml.safe_load(path.read_text()), dict)
+        elif suffix == ".csv":
+            rows = list(csv.reader(path.read_text().splitlines()))
+            assert len(rows) > 1 and len({len(row) for row in rows}) == 1, path
+        elif suffix == ".png":
+            with Image.open(path) as image:
+                image.verify()
+        elif suffix in (".pth", ".pt", ".bin"):
+            torch.load(path, weights_only=True)
+        elif suffix == ".safetensors":
+            load_file(str(path))
+        elif path.name.startswith("events.out.tfevents"):
+            events = EventAccumulator(str(path))
+            events.Reload()
+            assert "epoch/test_loss" in events.Tags()["scalars"]
+        elif suffix in (".txt", ".log"):
+            assert path.read_text().endswith("\n"), path
+        elif suffix == ".pkl":  # Accelerate's RNG file, read as resume reads it
+            from pbt.checkpoint import safe_load
+
+            safe_load(path, numpy_arrays=True)
+        else:
+            raise AssertionError(f"a file of no known format: {path}")
+        checked.add(suffix if not path.name.startswith("events") else "tfevents")
+    assert {".json", "pbt-complete", ".yaml", ".csv", ".png", ".pth", ".pt", ".safetensors",
+            "tfevents", ".txt", ".log"} <= checked
+
+
+def test_disk_full_inside_a_state_save_removes_its_temporary_files(tmp_path):
+    """The limit (10 KB from epoch 2, batch 1) lets the reports and weights files through
+    and stops the mid-epoch state of step 6 (its RNG files are ~15 KB): exit 75, one line
+    naming the state's folder, no temporary folder left, the states before it intact."""
+    tiny(tmp_path, "--run_name", "straight", "--num_epochs", "3", "--save_steps", "3")
+    full = tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--save_steps", "3",
+                expect=75, env={"PBT_FSIZE_AT": "2,1,10000"})
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space to write" in lines[0], full.stderr
+    assert ".tmp-step-00000006" in lines[0] and "ulimit -f" in lines[0]
+    run_dir = tmp_path / "w" / "A"
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert [p.name for p in complete_states(run_dir)] == ["step-00000003", "step-00000005"]
+    tiny(tmp_path, "--run_name", "A", "--num_epochs", "3", "--save_steps", "3",
+         "--resume", "auto")
+    assert same_weights(tmp_path / "w" / "straight" / "last.pth", run_dir / "last.pth")

@@ -342,3 +342,12 @@ def test_prune_report_times_float32_after_mixed_precision_training(tmp_path, tin
                    mixed_precision="bf16")
     tiny_trainer(cfg, [probe]).run()
     assert probe.dtypes == {torch.float32}
+
+
+def test_the_classifier_keeps_its_outputs_whatever_round_to():
+    """README: the classifier is never pruned. 16 classes at ratio 0.5 with round_to 8
+    would otherwise lose 8 of them (7 classes, as above, are saved by the rounding)."""
+    model = build_model("resnet18", num_classes=16)
+    result = prune_model(model, torch.randn(1, 3, 32, 32), method="l1", ratio=0.5)
+    assert model.fc.out_features == 16 and model.fc.in_features < 512
+    assert "fc" in result.ignored_layers
