@@ -669,19 +669,13 @@ def _load_baseline(baseline: str | Path) -> nn.Module:
 def _output_path(onnx_path: str | Path) -> Path:
     """``onnx_path`` as a Path, when it can be written: not a folder, under a folder (or
     where one can be made) that is writable."""
+    from pbt.rundir import check_writable
+
     onnx_path = Path(onnx_path)
     if onnx_path.is_dir():
         raise ConfigError(f"--onnx: {str(onnx_path)!r} is a folder; name the .onnx file "
                           "(the other files go beside it)")
-    folder = onnx_path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"--onnx: {str(onnx_path)!r} cannot be written: {str(folder)!r} "
-                          "is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"--onnx: {str(onnx_path)!r} cannot be written: no write access to "
-                          f"{str(folder)!r}")
+    check_writable(onnx_path.parent, "--onnx")
     return onnx_path
 
 

@@ -93,6 +93,7 @@ def test_model_file_that_does_not_fit_is_named(trained):
     assert "model_file" in result.stderr and "0.weight" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_get_the_declared_key(tmp_path):
     """``--num_processes 2`` on a user's script: two ranks really ran, each built the
     declared ``hidden_dim``, and together they train as one process with both batches:

@@ -184,6 +184,7 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+@pytest.mark.slow
 def test_recipe_resumes_exactly_across_cache_modes(tmp_path):
     """Digits, uncached straight through == cached (auto) stopped mid-epoch, resumed with
     cache_images true: the cache changes no batch, so it may change on resume. With an

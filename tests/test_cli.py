@@ -171,6 +171,7 @@ def test_recipe_help_shows_the_defaults_a_plain_run_uses(helps):
 
 
 # -- b. Ctrl-C -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_saves_a_state_exits_130_and_the_printed_resume_is_exact(tmp_path, straight):
     stopped = tiny(tmp_path, "--run_name", "pre", "--num_epochs", "3", expect=130,
                    env=clean_env(PBT_SIGNAL_AT="2,2,INT"))  # SIGINT after epoch 2, batch 2
@@ -227,6 +228,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_during_the_final_save_stops_at_once(tmp_path, straight):
     script = write_script(tmp_path, "ctrl_c_twice.py", CTRL_C_TWICE)
     started = time.monotonic()
@@ -250,6 +252,7 @@ def test_a_second_ctrl_c_during_the_final_save_stops_at_once(tmp_path, straight)
     assert same_weights(straight / "last.pth", run_dir / "last.pth")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_both_workers_after_each_saves_its_state(tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: the launcher and its 2 workers.
     Both workers save a resumable state, the command exits 130, and the state resumes."""
@@ -317,6 +320,7 @@ def test_nan_loss_from_a_huge_lr_exits_1_with_one_message(tmp_path):
 
 
 # -- d. bad resume input -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_resume_input_exits_2_without_a_traceback_and_changes_nothing(tmp_path):
     tiny(tmp_path, "--run_name", "A", "--num_epochs", "1")
     run_dir = tmp_path / "w" / "A"
@@ -347,6 +351,7 @@ def test_bad_resume_input_exits_2_without_a_traceback_and_changes_nothing(tmp_pa
 
 
 # -- e. --resume auto ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_auto_continues_the_newest_run_that_has_a_complete_state(tmp_path):
     work = tmp_path / "w"
     made = []
@@ -370,6 +375,7 @@ def test_resume_auto_continues_the_newest_run_that_has_a_complete_state(tmp_path
     assert {name: files_of(work / name) for name in (older, killed)} == before
 
 
+@pytest.mark.slow
 def test_resume_auto_with_a_run_name_continues_only_that_run(tmp_path):
     tiny(tmp_path, "--run_name", "exp_b", "--num_epochs", "1")
     result = tiny(tmp_path, "--run_name", "exp", "--num_epochs", "1", "--resume", "auto")
@@ -377,6 +383,7 @@ def test_resume_auto_with_a_run_name_continues_only_that_run(tmp_path):
     assert summary_of(tmp_path / "w" / "exp_b")["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_resume_auto_leaves_runs_of_another_flag_alone(tmp_path):
     tiny(tmp_path, "--flag", "x", "--num_epochs", "1")
     (flagged,) = run_dirs(tmp_path / "w")
@@ -386,6 +393,7 @@ def test_resume_auto_leaves_runs_of_another_flag_alone(tmp_path):
 
 
 # -- f. finetune: path.pth, bare state_dicts -----------------------------------------------------
+@pytest.mark.slow
 def test_finetune_path_and_a_bare_state_dict_load_the_file(tmp_path, source):
     """Evaluated with the loaded weights, the test loss is the source run's last one
     exactly: the weights came from the file."""
@@ -496,6 +504,7 @@ def test_optimizer_from_the_command_line_is_the_one_that_trained(tmp_path, name)
     assert f"optim_type: {name.split()[0]}" in (tmp_path / "w" / "opt" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_loss_type_from_the_command_line_is_the_criterion(tmp_path, source):
     """The test loss of the same weights under each ``loss_type`` is that loss, by hand."""
     model = tiny_trainer_class().build_model(None, None)
@@ -522,6 +531,7 @@ def test_loss_type_from_the_command_line_is_the_criterion(tmp_path, source):
 
 
 # -- i. torchrun on CPU ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_standalone_two_cpu_processes(tmp_path, six_classes):
     """README: ``ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2
     recipes/classification.py`` (--standalone: the launcher picks a free port)."""
@@ -660,6 +670,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_same_reduced_metrics(tmp_path):
     """README: every process runs the hooks; losses are reduced across processes and test
     metrics count each of the 23 test images once (the sampler pads 23 to 24 for 2 ranks)."""

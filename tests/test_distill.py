@@ -97,6 +97,7 @@ def test_bad_teacher_says_what_and_where(tmp_path, tiny_trainer):
     assert [p.name for p in written] in ([], [".pbt.lock"], [".pbt.lock", ".pbt.lock"])
 
 
+@pytest.mark.slow
 def test_distillation_resumes_exactly_after_sigkill(tmp_path):
     train_tiny(tmp_path, "--run_name", "teacher", "--num_workers", "0")
     teacher = str(tmp_path / "w" / "teacher" / "best.pth")
@@ -108,6 +109,7 @@ def test_distillation_resumes_exactly_after_sigkill(tmp_path):
     assert_same_run(tmp_path / "w" / "straight", tmp_path / "w" / "crashed")
 
 
+@pytest.mark.slow
 def test_distillation_with_two_processes_resumes_exactly(tmp_path):
     teacher_run = train_tiny_2p(tmp_path, "teacher")
     assert teacher_run.returncode == 0, teacher_run.stderr

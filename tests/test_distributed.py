@@ -358,6 +358,7 @@ def test_num_processes_gives_each_worker_its_share_of_the_cores(tmp_path, probe)
 
 
 # -- two processes started by pbt itself ------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path, small_data, probe):
     """``--num_processes 2`` on CPU: sharding by global rank with a reshuffle each epoch,
     ``sync_bn`` skipped on CPU, exact test metrics over 37 images, files written once by
@@ -446,6 +447,7 @@ def launch_two_machines(port: int, probe: Path, args: list[str]) -> list[tuple[i
 
 
 # -- two "machines" on one host ---------------------------------------------------------------
+@pytest.mark.slow
 def test_two_machines_on_one_host(tmp_path, small_data, probe):
     """Two ``accelerate launch`` commands, one process each (both local rank 0), train one
     model together: one summary with world_size 2, and the ranks split the data by global
@@ -482,6 +484,7 @@ def wait_for_saved_epoch(path: Path, epoch: int, proc: subprocess.Popen) -> int:
     raise AssertionError(f"{path} never held epoch {epoch} (process exit code {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_killed_worker_stops_the_job(tmp_path, small_data, probe):
     """SIGKILL to rank 1 mid-training: the job ends non-zero within 60 s naming rank 1, and
     ``last.pth`` is intact."""
@@ -574,6 +577,7 @@ def mix_kinds(folder: Path, rank: int) -> list[tuple[int, int, str]]:
     return [(int(e), int(b), kind) for e, b, kind in (line.split() for line in lines if line)]
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer, monkeypatch):
     """With EMA, mixup and CutMix on (each batch picks one of the two; 2x4x4 images give
     CutMix boxes to paste): per-process state that must survive the kill."""
@@ -630,6 +634,7 @@ def test_two_process_run_resumes_exactly(tmp_path, tiny_trainer, monkeypatch):
     assert files() == before
 
 
+@pytest.mark.slow
 def test_resampling_across_two_ranks(tmp_path, probe, small_data):
     """resample: sqrt with 2 processes: the ranks load disjoint shares of one epoch draw whose
     class histogram is the mode's target."""

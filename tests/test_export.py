@@ -176,6 +176,7 @@ def _files_under(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_names_it_and_writes_nothing(tmp_path, capsys):
     """As a user runs it: each bad input is one ``pbt: error:`` line naming what was wrong
     and where, exit 2, and no file or folder appears."""
@@ -214,8 +215,8 @@ def test_cli_bad_input_exits_2_names_it_and_writes_nothing(tmp_path, capsys):
         (run, "--config", str(tmp_path / "gone.yaml")): r"--config: '.*gone.yaml' does not exist",
         (run, "--onnx", run): rf"--onnx: '{run}' is a folder",
         (run, "--onnx", str(tmp_path / "a_file" / "m.onnx")):
-            rf"--onnx: '{tmp_path}/a_file/m.onnx' cannot be written: '{tmp_path}/a_file' is a "
-            r"file",
+            rf"key '--onnx': '{tmp_path}/a_file' is a file, so '{tmp_path}/a_file' cannot be "
+            r"made",
         (run, "--runs", "abc"): r"argument --runs: invalid int value: 'abc'",
     }
     from pbt.export import main
@@ -255,6 +256,7 @@ def trained_run(tmp_path_factory):
     return cwd / "w"
 
 
+@pytest.mark.slow
 def test_deploy_report_measures_fp32_fp16_int8(trained_run, tmp_path):
     run_dir = trained_run / "base"
     report = deploy_report(run_dir, tmp_path / "out" / "m.onnx", fp16=True, int8=True,
@@ -291,6 +293,7 @@ def test_deploy_report_measures_fp32_fp16_int8(trained_run, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
 
 
+@pytest.mark.slow
 def test_pruned_run_is_reported_beside_its_unpruned_start(trained_run, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pbt.export", str(trained_run / "pruned"), "--onnx",
@@ -397,6 +400,7 @@ def test_sort_topologically_orders_nodes_or_names_what_is_missing():
         sort_topologically(graph([orphan]))
 
 
+@pytest.mark.slow
 def test_report_rows_and_latencies_are_consistent(tmp_path):
     """For every file and both batch sizes: a latency row, finite and positive; each
     speed-up is the ratio of the stored latencies to the first row's; the threads and runs

@@ -170,6 +170,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_sweeps_the_classification_recipe(tmp_path):
     work = tmp_path / "work"
     done = _cli(["--input_size", "16", "16", "--steps", "20", "--start_lr", "1e-5",

@@ -65,6 +65,7 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape[0], -1).ne(0).any(dim=1).nonzero().flatten()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PRUNE_METHODS)
 @pytest.mark.parametrize("net_type", NET_TYPES)
 def test_nni_backend_shrinks_like_torch_pruning_and_reloads(net_type, method, tmp_path):

@@ -84,6 +84,7 @@ def test_optimizer_is_built_on_the_pruned_model(tmp_path, tiny_trainer):
     assert report["after_finetuning"]["params"] == sum(v.numel() for v in probe.values.values())
 
 
+@pytest.mark.slow
 def test_prune_finetune_report_reload_and_export(trained):
     cwd = trained
     model_file = cwd / "w" / "base" / "last.pth"
@@ -237,6 +238,7 @@ def test_a_pruned_runs_best_pth_starts_a_new_run(tmp_path, tiny_trainer):
         assert not torch.equal(final["model"]["0.weight"], saved["model"]["0.weight"]), name
 
 
+@pytest.mark.slow
 def test_slim_after_sparsity_training(trained):
     cwd = trained
     result = run_recipe([*SMALL, "--run_name", "slim", "--num_epochs", "1", "--use_prune",

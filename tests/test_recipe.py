@@ -25,6 +25,7 @@ def digits_run(tmp_path_factory):
     return cwd, result
 
 
+@pytest.mark.slow
 def test_digits_end_to_end_learns(digits_run):
     cwd, result = digits_run
     run_dir = cwd / "w" / "digits"
@@ -54,6 +55,7 @@ def test_eval_only_matches_best_epoch(digits_run):
     assert evaluated["history"][0]["test"]["count"] == 360
 
 
+@pytest.mark.slow
 def test_rerun_from_saved_config(digits_run):
     """``-c config.yaml`` resolves to the same experiment (same seed: same run, see the
     determinism test); only what is typed on top differs."""

@@ -56,7 +56,7 @@ def epoch_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("workers", ["0", pytest.param("2", marks=pytest.mark.slow)])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, workers):
     train_tiny(tmp_path, "--run_name", "straight", "--num_workers", workers)
     crashed = train_tiny(tmp_path, "--run_name", "crashed", "--num_workers", workers,
@@ -72,6 +72,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, workers):
         assert epoch_scalars(run_dir, tag) == epoch_scalars(tmp_path / "w" / "straight", tag)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_and_resume_is_exact(tmp_path):
     train_tiny(tmp_path, "--run_name", "straight", "--num_workers", "0")
     stopped = train_tiny(tmp_path, "--run_name", "pre", "--num_workers", "0",
@@ -156,6 +157,7 @@ def test_resume_refuses_pickled_code_in_every_file(tmp_path, tiny_trainer):
         assert name in str(err.value)
 
 
+@pytest.mark.slow
 def test_model_file_that_is_not_weights(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")

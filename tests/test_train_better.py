@@ -103,6 +103,7 @@ def mix_kinds(folder) -> list[tuple[int, int, str]]:
     return [(int(e), int(b), kind) for e, b, kind in (line.split() for line in lines if line)]
 
 
+@pytest.mark.slow
 def test_ema_and_mixup_resume_exactly_after_sigkill(tmp_path, monkeypatch):
     """EMA with mixup and CutMix both on (each mixed batch picks one), on 2x4x4 images so
     CutMix has boxes to paste; killed mid-epoch, resumed bit-identically."""
@@ -349,6 +350,7 @@ def test_augmentation_preset_names_are_checked():
         assert "train_transform" in str(err.value)
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_saves_plain_names_and_resumes_exactly(tmp_path, tiny_trainer):
     """A real torch.compile (inductor, C++ kernels on CPU) on the tiny trainer."""
     trainer = tiny_trainer(tiny_cfg(tmp_path, compile=True, num_epochs=2))
