@@ -1,6 +1,6 @@
 """Break the code on purpose and check that the suite notices.
 
-    python tests/mutants/run.py [NAME ...] [--list] [--keep]
+    python tests/mutants/run.py [NAME ...] [--list] [--keep] [--shard K/N]
 
 Each ``tests/mutants/*.yaml`` lists breaks: ``name``, the ``promise`` it breaks, the
 ``file`` it edits, an ``old`` text found exactly once in that file and the ``new`` text
@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="only these breaks (default: all)")
     parser.add_argument("--list", action="store_true", help="list the breaks and stop")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    parser.add_argument("--shard", default="1/1",
+                        help="K/N: only every N-th break from the K-th (for N runs side by side)")
     args = parser.parse_args()
     breaks = load_breaks()
     if args.names:
@@ -90,6 +92,8 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"no such break: {sorted(unknown)}")
         breaks = [b for b in breaks if b["name"] in args.names]
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    breaks = breaks[shard - 1::shards]
     if args.list:
         for entry in breaks:
             print(f"{entry['name']:40s} {entry['file']:28s} {entry['promise']}")
