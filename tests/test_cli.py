@@ -551,6 +551,33 @@ def test_torchrun_standalone_two_cpu_processes(tmp_path, six_classes):
     assert run_dirs(tmp_path / "w") == {"tr"}
 
 
+@pytest.mark.slow
+def test_a_preset_under_two_torchrun_processes_resumes_exactly(tmp_path, six_classes):
+    """An augmentation preset with 2 DDP processes: a 1-epoch run resumed to 2 epochs ends
+    with the weights of a 2-epoch run (constant lr after warm-up, so both follow one
+    schedule); each sample's augmentation is seeded by index, not by a process's stream."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [torchrun] if torchrun.exists() else [sys.executable, "-m",
+                                                     "torch.distributed.run"]
+    args = [*RECIPE_SMALL, "--train_data", six_classes[0], "--test_data", six_classes[1],
+            "--train_transform", "light+randaugment", "--scheduler", "multi-step",
+            "--milestones", "100", "--num_warn_up", "1"]
+
+    def torchrun_recipe(*extra: str) -> subprocess.CompletedProcess:
+        result = run([*launcher, "--standalone", "--nproc_per_node", "2", RECIPE, *args,
+                      *extra], tmp_path, timeout=300, env=clean_env(ACCELERATE_USE_CPU="1"))
+        ranks = re.findall(r"pbt: rank (\d)/2 ready", result.stdout)
+        assert sorted(ranks) == ["0", "1"], result.stdout
+        return result
+
+    torchrun_recipe("--run_name", "straight", "--num_epochs", "2")
+    torchrun_recipe("--run_name", "resumed", "--num_epochs", "1")
+    torchrun_recipe("--run_name", "resumed", "--num_epochs", "2", "--resume", "auto")
+    work = tmp_path / "w"
+    assert summary_of(work / "resumed")["world_size"] == 2
+    assert same_weights(work / "straight" / "last.pth", work / "resumed" / "last.pth")
+
+
 # -- j. on_after_backward in the hook order --------------------------------------------------------
 HOOKS_SCRIPT = '''
 import json
