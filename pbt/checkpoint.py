@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pbt.callbacks import TrainingError
-from pbt.config import ConfigError
+from pbt.config import ConfigError, path_problem
 
 COMPLETE_MARK = "pbt-complete"
 STATE_FILE = "pbt_state.pt"
@@ -216,10 +216,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = False,
     """
     path = Path(path)
     if loaded is None:
-        if not path.is_file():
-            raise ConfigError(f"key {key!r}: weight file {str(path)!r} "
-                              + ("is a directory; a file is expected" if path.is_dir()
-                                 else "does not exist"))
+        problem = path_problem(str(path), want_file=True)
+        if problem:
+            raise ConfigError(f"key {key!r}: weight file {str(path)!r} {problem}")
         loaded = safe_load(path, key=key)
     state = state_dict_of(loaded, path, key)
     own = model.state_dict()
@@ -666,10 +665,9 @@ def read_initial_state(trainer: Any) -> dict | None:
             trainer.log("eval_only without model_file: evaluating the weights build_model made")
         return None
     key = "finetune" if isinstance(cfg.finetune, str) else "model_file"
-    if not Path(path).is_file():
-        raise ConfigError(f"key {key!r}: weight file {str(path)!r} "
-                          + ("is a directory; a file is expected" if Path(path).is_dir()
-                             else "does not exist"))
+    problem = path_problem(str(path), want_file=True)
+    if problem:
+        raise ConfigError(f"key {key!r}: weight file {str(path)!r} {problem}")
     loaded = safe_load(Path(path), key=key)
     names = loaded.get("class_names") if isinstance(loaded, dict) else None
     match_saved_classes(trainer, names, f"key {key!r}: {str(path)!r}", bool(cfg.finetune))

@@ -56,7 +56,7 @@ def short_repr(value: Any, limit: int = _VALUE_REPR) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _path_problem(item: str, want_file: bool = False) -> str | None:
+def path_problem(item: str, want_file: bool = False) -> str | None:
     """Why ``item`` is not a usable path (an existing one; with ``want_file`` a file)."""
     try:
         path = Path(item)
@@ -122,7 +122,7 @@ class Key:
             raise wrong(problem)
         if self.path and isinstance(converted, (str, list)):
             for item in converted if isinstance(converted, list) else [converted]:
-                problem = _path_problem(item) if isinstance(item, str) else None
+                problem = path_problem(item) if isinstance(item, str) else None
                 if problem:
                     raise ConfigError(f"{where}: key {self.name!r}: path "
                                       f"{short_repr(item, _PATH_REPR)} {problem}")
@@ -571,7 +571,7 @@ def load_config(argv: list[str] | None = None, default_file: str | Path | None =
 
 def _check_across_keys(cfg: Config) -> None:
     """Checks that involve more than one key (single values are checked by their Key)."""
-    problem = _path_problem(cfg.finetune, want_file=True) if isinstance(cfg.finetune, str) \
+    problem = path_problem(cfg.finetune, want_file=True) if isinstance(cfg.finetune, str) \
         else None
     if problem:
         raise ConfigError(f"key 'finetune': file {short_repr(cfg.finetune, _PATH_REPR)} "

@@ -319,33 +319,18 @@ def test_build_methods_run_in_the_readme_order(tmp_path, tiny_trainer):
     from torch import nn
 
     calls = []
+    parts = ("train_loader", "test_loader", "model", "optimizer", "criterion", "callbacks")
 
-    class OrderSpy(tiny_trainer):
-        def build_train_loader(self, cfg):
-            calls.append("train_loader")
-            return super().build_train_loader(cfg)
+    def recording(part):
+        def build(self, cfg):
+            calls.append(part)
+            if part == "optimizer":  # over the plain model: not yet prepared / wrapped
+                assert isinstance(self.model, nn.Sequential)
+            return getattr(tiny_trainer, f"build_{part}")(self, cfg)
+        return build
 
-        def build_test_loader(self, cfg):
-            calls.append("test_loader")
-            return super().build_test_loader(cfg)
-
-        def build_model(self, cfg):
-            calls.append("model")
-            return super().build_model(cfg)
-
-        def build_optimizer(self, cfg):
-            calls.append("optimizer")
-            assert isinstance(self.model, nn.Sequential)  # plain: not yet prepared / wrapped
-            return super().build_optimizer(cfg)
-
-        def build_criterion(self, cfg):
-            calls.append("criterion")
-            return super().build_criterion(cfg)
-
-        def build_callbacks(self, cfg):
-            calls.append("callbacks")
-            return super().build_callbacks(cfg)
-
+    OrderSpy = type("OrderSpy", (tiny_trainer,),
+                    {f"build_{part}": recording(part) for part in parts})
     OrderSpy(tiny_cfg(tmp_path, num_epochs=1))
     assert calls == ["train_loader", "test_loader", "model", "optimizer", "criterion",
                      "callbacks"]

@@ -70,22 +70,35 @@ class FileSizeLimitAt(Callback):
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
 
 
-def kill_at_write(number: int) -> None:
+def before_each_file_write(reached) -> None:
+    """Call ``reached(file name)`` just before each file torch.save or safetensors writes
+    (a temporary ``.tmp`` name counts as its final name)."""
     import accelerate.utils.other
     import torch
 
+    torch.save = named(torch.save, reached, lambda a, k: a[1] if len(a) > 1 else k["f"])
+    accelerate.utils.other.safe_save_file = named(
+        accelerate.utils.other.safe_save_file, reached,
+        lambda a, k: a[1] if len(a) > 1 else k["filename"])
+
+
+def named(write, reached, where):
+    """``write`` that first calls ``reached`` with the name ``where(args, kwargs)`` gives."""
+    def wrapper(*args, **kwargs):
+        reached(Path(str(where(args, kwargs))).name.removesuffix(".tmp"))
+        return write(*args, **kwargs)
+    return wrapper
+
+
+def kill_at_write(number: int) -> None:
     count = [0]
 
-    def counted(write):
-        def wrapper(*args, **kwargs):
-            count[0] += 1
-            if count[0] == number:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return write(*args, **kwargs)
-        return wrapper
+    def reached(name: str) -> None:
+        count[0] += 1
+        if count[0] == number:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    torch.save = counted(torch.save)
-    accelerate.utils.other.safe_save_file = counted(accelerate.utils.other.safe_save_file)
+    before_each_file_write(reached)
     if number == 0:
         import atexit
 
@@ -100,9 +113,6 @@ def kill_at(point: str, number: int) -> None:
     """Wrap the functions a save writes through, to die before ``point``'s N-th time."""
     import shutil
 
-    import accelerate.utils.other
-    import torch
-
     import pbt.checkpoint
 
     seen: dict[str, int] = {}
@@ -112,16 +122,8 @@ def kill_at(point: str, number: int) -> None:
         if name == point and seen[name] == number:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def named(write, where):
-        def wrapper(*args, **kwargs):
-            reached(Path(str(where(args, kwargs))).name.removesuffix(".tmp"))
-            return write(*args, **kwargs)
-        return wrapper
-
-    torch.save = named(torch.save, lambda a, k: a[1] if len(a) > 1 else k["f"])
-    accelerate.utils.other.safe_save_file = named(
-        accelerate.utils.other.safe_save_file, lambda a, k: a[1] if len(a) > 1 else k["filename"])
-    pbt.checkpoint._write_mark = named(pbt.checkpoint._write_mark,
+    before_each_file_write(reached)
+    pbt.checkpoint._write_mark = named(pbt.checkpoint._write_mark, reached,
                                        lambda a, k: pbt.checkpoint.COMPLETE_MARK)
     rename, rmtree = Path.rename, shutil.rmtree
 
